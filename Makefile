@@ -1,0 +1,45 @@
+# One-command set-up: `make demo` and `make test` both create .venv (pip) on first use,
+# install samliver editable with everything it needs, then do their job. Idempotent:
+# a second run reuses .venv (a stamp keyed on pyproject.toml) and the data caches.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch/torchvision are pinned here (not in pyproject) so users can override them,
+# e.g. `make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.samliver-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench browser-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install $(TORCH_SPEC)
+	$(BIN)/python -m pip install -e '.[ui,test]'
+	rm -f $(VENV)/.samliver-*
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian's Chromium drives the browser tests (never a downloaded browser).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+demo: setup
+	$(BIN)/samliver fetch-sample
+	$(BIN)/samliver demo
+
+test: setup browser-deps
+	$(BIN)/samliver fetch-sample
+	SAMLIVER_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/samliver fetch-sample
+	$(BIN)/samliver bench
+
+clean:
+	rm -rf $(VENV) outputs *.egg-info
