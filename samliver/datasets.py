@@ -1,0 +1,414 @@
+"""Datasets and splits: MSD Task03_Liver, LiTS, generic image/label folders; splits by
+volume and by slice (the two sample protocols); a resumable, checksum-checked downloader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .util import SamliverError, atomic_write_text
+
+# ----------------------------------------------------------------------------------------
+# splits by slice (the sample protocols, DESIGN.md)
+# ----------------------------------------------------------------------------------------
+PROTOCOLS = ("sparse", "slab")
+_REF_DEPTH = 128  # the protocols are defined on the 128-slice sample and scaled to other depths
+
+
+def liver_slices(label: np.ndarray) -> list[int]:
+    """Axial indices ``z`` whose slice contains liver (label >= 1)."""
+    lab = np.asarray(label)
+    if lab.ndim != 3:
+        raise SamliverError(f"Expected a 3D (z, y, x) label, got shape {lab.shape}.")
+    return [int(z) for z in np.nonzero((lab >= 1).any(axis=(1, 2)))[0]]
+
+
+def _spread(pool: Sequence[int], k: int) -> list[int]:
+    """``k`` items of ``pool`` at evenly spread positions (ends included)."""
+    pool = list(pool)
+    if k >= len(pool):
+        return pool
+    idx = np.round(np.linspace(0, len(pool) - 1, k)).astype(int)
+    return sorted({pool[i] for i in idx})
+
+
+def protocol_split(label: np.ndarray, protocol: str = "sparse", k: int = 8) -> tuple[list[int], list[int]]:
+    """Labelled (train) and test axial slices for the sample protocols (default sparse, K=8).
+
+    sparse: train z = round(linspace(4, 123, k)) on 128 slices (scaled to the depth), test =
+    every other slice. slab: pool z in [0, 64) with liver, k spread evenly over it; test z in
+    [72, 128) (scaled to the depth). Both lists sorted and disjoint.
+    """
+    lab = np.asarray(label)
+    if lab.ndim != 3:
+        raise SamliverError(f"protocol_split expects a 3D (z, y, x) label, got shape {lab.shape}.")
+    if k < 1:
+        raise SamliverError(f"protocol_split needs k >= 1, got {k}.")
+    depth = lab.shape[0]
+    s = depth / _REF_DEPTH
+    if protocol == "sparse":
+        z = np.round(np.linspace(4 * s, 123 * s, k)).astype(int)
+        train = sorted({int(v) for v in np.clip(z, 0, depth - 1)})
+        test = [z for z in range(depth) if z not in set(train)]
+    elif protocol == "slab":
+        pool_end, test_start = int(round(64 * s)), int(round(72 * s))
+        pool = [z for z in liver_slices(lab) if z < pool_end]
+        if not pool:
+            raise SamliverError(f"slab protocol: no liver in slices [0, {pool_end}) of this volume.")
+        if k > len(pool):
+            raise SamliverError(
+                f"slab protocol: k={k} but only {len(pool)} slices in [0, {pool_end}) contain liver."
+            )
+        train = _spread(pool, k)
+        test = list(range(test_start, depth))
+    else:
+        raise SamliverError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
+    return train, test
+
+
+def select_label_slices(label: np.ndarray, k: int, seed: int = 0) -> list[int]:
+    """``k`` axial slices spread evenly over the slices that contain liver (sorted).
+
+    seed 0 takes the centred grid (one slice in the middle of each of ``k`` equal runs);
+    other seeds shift the grid by a random fraction of a run, deterministically.
+    """
+    pool = liver_slices(label)
+    if not pool:
+        raise SamliverError("select_label_slices: the label has no liver (no voxel >= 1).")
+    if k >= len(pool):
+        return pool
+    if k < 1:
+        raise SamliverError(f"select_label_slices needs k >= 1, got {k}.")
+    step = len(pool) / k
+    offset = 0.5 * step if seed == 0 else float(np.random.default_rng(seed).uniform(0, step))
+    idx = np.clip(np.floor(offset + step * np.arange(k)).astype(int), 0, len(pool) - 1)
+    return sorted({pool[i] for i in idx})
+
+
+# ----------------------------------------------------------------------------------------
+# dataset indexes
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One image/label pair of a dataset (label None for unlabelled test images)."""
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+
+    def load(self):
+        """The case as a :class:`samliver.io.CTVolume`."""
+        from .io import load_volume
+
+        return load_volume(self.image, self.label)
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _nifti_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """NIfTI files in ``folder`` (not sidecars, not macOS ``._`` resource files)."""
+    found = folder.rglob("*.nii*") if recursive else folder.glob("*.nii*")
+    return sorted(p for p in found if p.name.lower().endswith((".nii", ".nii.gz"))
+                  and not p.name.startswith("."))
+
+
+def _numeric_key(case: Case) -> tuple:
+    nums = re.findall(r"\d+", case.case_id)
+    return (int(nums[-1]) if nums else -1, case.case_id)
+
+
+def index_msd(root: str | os.PathLike) -> list[Case]:
+    """Cases of an MSD task folder (e.g. ``Task03_Liver``) from its ``dataset.json``.
+
+    Training pairs come from ``training``; ``test`` images are added with label None.
+    """
+    root = Path(root)
+    meta_file = root / "dataset.json"
+    if not meta_file.exists():
+        raise SamliverError(
+            f"{meta_file} not found: {root} is not an MSD task folder (expected dataset.json, "
+            "imagesTr/, labelsTr/)."
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        raise SamliverError(f"{meta_file} is not valid JSON ({err}).") from err
+    cases = []
+    for item in meta.get("training", []):
+        image, label = root / item["image"], root / item["label"]
+        # dataset.json lists "./imagesTr/x.nii.gz"; macOS archives add "._x" files we skip
+        if not image.exists():
+            raise SamliverError(f"{image} (listed in {meta_file}) is missing. Re-extract the archive.")
+        if not label.exists():
+            raise SamliverError(f"{label} (listed in {meta_file}) is missing. Re-extract the archive.")
+        cases.append(Case(_nifti_stem(image), image, label))
+    for item in meta.get("test", []):
+        image = root / (item if isinstance(item, str) else item["image"])
+        if image.exists():
+            cases.append(Case(_nifti_stem(image), image, None))
+    return sorted(cases, key=_numeric_key)
+
+
+def index_lits(root: str | os.PathLike) -> list[Case]:
+    """Cases of a LiTS folder: ``volume-N.nii[.gz]`` with ``segmentation-N.nii[.gz]`` (searched recursively)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SamliverError(f"LiTS folder {root} does not exist.")
+    volumes: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    for p in _nifti_files(root, recursive=True):
+        m = re.fullmatch(r"(volume|segmentation)-(\d+)\.nii(\.gz)?", p.name)
+        if m:
+            (volumes if m.group(1) == "volume" else labels)[m.group(2)] = p
+    if not volumes:
+        raise SamliverError(f"No volume-N.nii files found under {root}. See data_scripts/GET_LITS.md.")
+    cases = [Case(f"volume-{n}", volumes[n], labels.get(n)) for n in volumes]
+    return sorted(cases, key=_numeric_key)
+
+
+def index_pairs(
+    image_dir: str | os.PathLike,
+    label_dir: str | os.PathLike | None = None,
+    *,
+    label_suffix: str = "",
+) -> list[Case]:
+    """Generic folder of image/label NIfTI pairs matched by file name.
+
+    ``label_dir`` None: labels are looked for beside the images as ``<stem><label_suffix>``
+    (e.g. ``label_suffix="_label"``). Images without a label get label None.
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise SamliverError(f"Image folder {image_dir} does not exist.")
+    label_dir = Path(label_dir) if label_dir is not None else image_dir
+    if not label_dir.is_dir():
+        raise SamliverError(f"Label folder {label_dir} does not exist.")
+    if label_dir == image_dir and not label_suffix:
+        raise SamliverError("index_pairs: give label_dir or a label_suffix to tell labels from images.")
+    label_files = {_nifti_stem(p): p for p in _nifti_files(label_dir)}
+    cases = []
+    for img in _nifti_files(image_dir):
+        stem = _nifti_stem(img)
+        if label_suffix and stem.endswith(label_suffix):
+            continue
+        cases.append(Case(stem, img, label_files.get(stem + label_suffix)))
+    if not cases:
+        raise SamliverError(f"No NIfTI images (.nii, .nii.gz) in {image_dir}.")
+    return sorted(cases, key=_numeric_key)
+
+
+def index_dataset(root: str | os.PathLike) -> list[Case]:
+    """Index a folder that is an MSD task, a LiTS folder or an ``images/`` + ``labels/`` pair folder."""
+    root = Path(root)
+    if (root / "dataset.json").exists():
+        return index_msd(root)
+    if root.is_dir() and any(root.rglob("volume-*.nii*")):
+        return index_lits(root)
+    for img, lab in (("images", "labels"), ("imagesTr", "labelsTr")):
+        if (root / img).is_dir() and (root / lab).is_dir():
+            return index_pairs(root / img, root / lab)
+    raise SamliverError(
+        f"{root}: not an MSD task (dataset.json), a LiTS folder (volume-N.nii) or a folder with "
+        "images/ and labels/."
+    )
+
+
+def split_by_volume(
+    cases: Sequence,
+    *,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> dict[str, list]:
+    """Shuffle ``cases`` with ``seed`` and split into ``train``/``val``/``test`` (defaults 80/0/20).
+
+    Deterministic for a seed; every case lands in exactly one part; test gets at least one
+    case when ``test_fraction > 0``.
+    """
+    cases = list(cases)
+    if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
+        raise SamliverError(f"Bad split fractions test={test_fraction}, val={val_fraction}.")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_test = int(round(len(cases) * test_fraction))
+    n_val = int(round(len(cases) * val_fraction))
+    if test_fraction > 0:
+        n_test = max(1, n_test)
+    if val_fraction > 0:
+        n_val = max(1, n_val)
+    if n_test + n_val >= len(cases):
+        raise SamliverError(f"Only {len(cases)} cases: too few for this split.")
+    test = [cases[i] for i in order[:n_test]]
+    val = [cases[i] for i in order[n_test:n_test + n_val]]
+    train = [cases[i] for i in order[n_test + n_val:]]
+    return {"train": train, "val": val, "test": test}
+
+
+# ----------------------------------------------------------------------------------------
+# downloads
+# ----------------------------------------------------------------------------------------
+# The official MSD Task03_Liver archive (mirror used by MONAI's DecathlonDataset) and its
+# published MD5; the original Google Drive release is the same tar.
+MSD_LIVER_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task03_Liver.tar"
+MSD_LIVER_MD5 = "a90ec6c4aa7f6a3d087205e23d4e6397"
+
+
+def file_hash(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file (``sha256`` default, or ``md5``)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+    chunk: int = 1 << 20,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming a ``dest.part`` file with an HTTP Range request.
+
+    The finished file is checked against ``sha256`` (or ``md5``) before it is renamed onto
+    ``dest``; a mismatch deletes the partial file and raises. An existing ``dest`` with the
+    right checksum is reused.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    expected = ("sha256", sha256.lower()) if sha256 else (("md5", md5.lower()) if md5 else None)
+    if dest.exists():
+        if expected is None or file_hash(dest, expected[0]) == expected[1]:
+            return dest
+        dest.unlink()  # stale or corrupt: download again
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "samliver"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # the part file is already complete
+            response = None
+        else:
+            raise SamliverError(f"Download of {url} failed: HTTP {err.code} {err.reason}.") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise SamliverError(f"Download of {url} failed ({err}). Check the network and retry; "
+                            f"the partial file {part} is kept for resuming.") from err
+    if response is not None:
+        with response:
+            resumed = response.status == 206
+            mode = "ab" if resumed else "wb"
+            length = response.headers.get("Content-Length")
+            total = (int(length) + (have if resumed else 0)) if length else None
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
+                           desc=dest.name)
+            try:
+                with open(part, mode) as out:
+                    for block in iter(lambda: response.read(chunk), b""):
+                        out.write(block)
+                        if bar is not None:
+                            bar.update(len(block))
+            except OSError as err:
+                raise SamliverError(f"Download of {url} interrupted ({err}); run again to resume.") from err
+            finally:
+                if bar is not None:
+                    bar.close()
+    if expected is not None:
+        got = file_hash(part, expected[0])
+        if got != expected[1]:
+            part.unlink()
+            raise SamliverError(
+                f"Checksum mismatch for {url}: {expected[0]} {got}, expected {expected[1]}. "
+                "The partial download was deleted; run again (or check the URL)."
+            )
+    os.replace(part, dest)
+    return dest
+
+
+def _safe_extract(archive: Path, out_dir: Path) -> None:
+    try:
+        with tarfile.open(archive) as tar:
+            root = out_dir.resolve()
+            for member in tar.getmembers():
+                target = (out_dir / member.name).resolve()
+                if root not in target.parents and target != root:
+                    raise SamliverError(f"{archive}: unsafe path {member.name!r} in the archive.")
+                if member.issym() or member.islnk():
+                    raise SamliverError(f"{archive}: links are not allowed in the archive ({member.name}).")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and patched 3.8+)
+                tar.extractall(out_dir, filter="data")
+            else:  # pragma: no cover
+                tar.extractall(out_dir)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise SamliverError(f"{archive} is not a readable tar archive ({err}). Delete it and download again.") from err
+
+
+def download_msd_liver(
+    dest_dir: str | os.PathLike,
+    *,
+    url: str = MSD_LIVER_URL,
+    sha256: str | None = None,
+    md5: str | None = MSD_LIVER_MD5,
+    extract: bool = True,
+    keep_archive: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Download (resumable) and extract MSD ``Task03_Liver`` into ``dest_dir``; return the task folder.
+
+    Default: the official archive checked against its published MD5 (pass ``sha256`` to use
+    SHA-256 instead). Idempotent: a complete extraction (``.complete`` marker) is reused.
+    """
+    dest_dir = Path(dest_dir)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SamliverError(f"Cannot create {dest_dir} ({err.strerror}). Choose a writable folder.") from err
+    if not os.access(dest_dir, os.W_OK):
+        raise SamliverError(f"{dest_dir} is not writable. Choose a writable folder.")
+    name = Path(url.split("?")[0]).name or "Task03_Liver.tar"
+    task_name = re.sub(r"(\.tar(\.gz)?|\.tgz)$", "", name)
+    task_dir = dest_dir / task_name
+    marker = dest_dir / f".{task_name}.complete"
+    if marker.exists() and (task_dir / "dataset.json").exists():
+        return task_dir
+    archive = download_file(url, dest_dir / name, sha256=sha256, md5=None if sha256 else md5,
+                            progress=progress)
+    if not extract:
+        return archive
+    _safe_extract(archive, dest_dir)
+    if not (task_dir / "dataset.json").exists():
+        raise SamliverError(f"{archive} did not contain {task_name}/dataset.json.")
+    # macOS tar adds "._*" resource files beside the images; they are not NIfTI
+    for junk in task_dir.rglob("._*"):
+        junk.unlink()
+    atomic_write_text(marker, json.dumps({"url": url, "archive": archive.name}))
+    if not keep_archive:
+        archive.unlink()
+    return task_dir
+
