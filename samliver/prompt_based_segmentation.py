@@ -1,0 +1,279 @@
+"""Prompted segmentation of one slice: set the image (or a cached embedding) once, predict many.
+
+Prompts are in original slice pixel coordinates ``(x, y)`` (x = column); masks come back at
+the original slice size. Works for every model in :mod:`samliver.models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .util import SamliverError
+
+
+class Predictor:
+    """SAM-style predictor over a :class:`samliver.models.SamModel`.
+
+    ``set_image(slice_hu)`` runs the encoder once; ``set_embedding(emb, original_hw)`` reuses a
+    cached (256, 64, 64) embedding instead; ``predict(...)`` then only runs the prompt encoder
+    and mask decoder (tens of milliseconds on a CPU).
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.features = None
+        self.original_hw: tuple[int, int] | None = None
+        self.transform = None
+        self._image_pe = None
+
+    # -- image ------------------------------------------------------------------------
+    def set_image(self, slice_hu: np.ndarray, window="abdomen") -> None:
+        """Encode one (H, W) HU slice with the model (default window ``"abdomen"``)."""
+        from .preprocess import window_to_unit
+
+        img = np.asarray(slice_hu, dtype=np.float32)
+        if img.ndim != 2:
+            raise SamliverError(f"set_image expects one (H, W) slice, got shape {img.shape}.")
+        batch = self.model.prepare(window_to_unit(img, window))[None]
+        self._set_features(self.model.encode(batch), img.shape)
+
+    def set_embedding(self, emb, original_hw, model_name: str | None = None) -> None:
+        """Use a cached embedding (256, 64, 64) (or (1, 256, 64, 64)) of a slice of size ``original_hw``.
+
+        ``model_name``: the model the embedding came from; a different model is an error, since
+        its decoder would silently produce garbage.
+        """
+        import torch
+
+        if model_name is not None and model_name != self.model.name:
+            raise SamliverError(
+                f"These embeddings come from model {model_name!r} but the predictor uses {self.model.name!r}: "
+                "embed the volume with the same model."
+            )
+        arr = torch.as_tensor(np.asarray(emb, dtype=np.float32))
+        if arr.ndim == 3:
+            arr = arr[None]
+        expected = (1, self.model.embed_dim, *self.model.embed_hw)
+        if tuple(arr.shape) != expected:
+            raise SamliverError(f"Embedding of shape {tuple(arr.shape)} does not fit {self.model.name} (expects {expected[1:]}).")
+        self._set_features(arr, original_hw)
+
+    def set_slice(self, embeddings, z: int) -> None:
+        """Use slice ``z`` of a :class:`samliver.embeddings.VolumeEmbeddings` (model and weights checked)."""
+        if embeddings.model_name != self.model.name or embeddings.weights_id != self.model.weights_id:
+            raise SamliverError(
+                f"Embeddings from {embeddings.model_name!r} (weights {embeddings.weights_id[:12]}) do not match "
+                f"the predictor's model {self.model.name!r} (weights {self.model.weights_id[:12]})."
+            )
+        self.set_embedding(embeddings[z], embeddings.original_hw)
+
+    def _set_features(self, feats, original_hw) -> None:
+        h, w = (int(v) for v in original_hw)
+        self.features = feats.to(self.model.device, dtype=next(self.model.mask_decoder.parameters()).dtype)
+        self.original_hw = (h, w)
+        self.transform = self.model.transform((h, w))
+        if self._image_pe is None:
+            import torch
+
+            with torch.inference_mode():
+                self._image_pe = self.model.prompt_encoder.get_dense_pe()
+
+    def reset_image(self) -> None:
+        self.features = None
+        self.original_hw = None
+        self.transform = None
+
+    # -- prompts ----------------------------------------------------------------------
+    def _check_box(self, box: np.ndarray) -> np.ndarray:
+        box = np.asarray(box, dtype=np.float64).reshape(-1, 4)
+        h, w = self.original_hw
+        for b in box:
+            x0, y0, x1, y1 = b
+            if not np.all(np.isfinite(b)):
+                raise SamliverError(f"Box {b.tolist()} is not finite.")
+            if x1 <= x0 or y1 <= y0:
+                raise SamliverError(f"Box {b.tolist()} is empty or inverted: give x0 < x1 and y0 < y1 (x0, y0, x1, y1).")
+            if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+                raise SamliverError(f"Box {b.tolist()} lies outside the {w}x{h} (width x height) slice.")
+        # A box sticking out of the image is clipped, as a user would mean.
+        box[:, [0, 2]] = np.clip(box[:, [0, 2]], 0, w - 1)
+        box[:, [1, 3]] = np.clip(box[:, [1, 3]], 0, h - 1)
+        return box
+
+    def _check_points(self, points, labels) -> tuple[np.ndarray, np.ndarray]:
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if labels is None:
+            lab = np.ones(len(pts), np.int64)
+        else:
+            lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(lab) != len(pts):
+            raise SamliverError(f"{len(pts)} points but {len(lab)} point labels: give one label (1/0) per point.")
+        h, w = self.original_hw
+        for p in pts:
+            if not (np.all(np.isfinite(p)) and 0 <= p[0] <= w - 1 and 0 <= p[1] <= h - 1):
+                raise SamliverError(f"Point {p.tolist()} lies outside the {w}x{h} (width x height) slice.")
+        return pts, lab
+
+    def predict(
+        self,
+        points=None,
+        point_labels=None,
+        box=None,
+        boxes=None,
+        mask_input=None,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+    ):
+        """Decode masks from prompts in original slice pixels.
+
+        points (N, 2) x, y with point_labels (N,) 1 = object, 0 = background; box (4,) x0, y0,
+        x1, y1; boxes (M, 4) several boxes at once (one prediction each); mask_input (1, 64, 64)
+        low-res logits from a previous call. Returns ``(masks, scores, low_res_logits)``:
+        masks bool (K, H, W) (K = 3 with multimask_output, else 1), or (M, K, H, W) for boxes;
+        scores the predicted IoU per mask; low_res_logits (K, 64, 64) / (M, K, 64, 64).
+        """
+        import torch
+
+        if self.features is None:
+            raise SamliverError("No image set: call set_image(slice) or set_embedding(emb, original_hw) first.")
+        if box is not None and boxes is not None:
+            raise SamliverError("Give either box or boxes, not both.")
+        if points is None and box is None and boxes is None and mask_input is None:
+            raise SamliverError("No prompt given: pass points, a box, boxes or a mask_input.")
+        several = boxes is not None
+        t = self.transform
+        coords_t = labels_t = box_t = mask_t = None
+        n = 1
+        if points is not None and len(np.asarray(points).reshape(-1, 2)):
+            pts, lab = self._check_points(points, point_labels)
+            coords_t = torch.as_tensor(t.apply_coords(pts), dtype=torch.float32, device=self.model.device)[None]
+            labels_t = torch.as_tensor(lab, dtype=torch.int64, device=self.model.device)[None]
+        elif points is None and box is None and boxes is None and mask_input is None:
+            pass
+        bx = boxes if several else box
+        if bx is not None:
+            b = self._check_box(bx)
+            if not several and len(b) != 1:
+                raise SamliverError("box takes one x0, y0, x1, y1; use boxes= for several.")
+            box_t = torch.as_tensor(t.apply_boxes(b), dtype=torch.float32, device=self.model.device)
+            n = len(b)
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            m = m.reshape(-1, 1, *m.shape[-2:])
+            if tuple(m.shape[-2:]) != tuple(4 * v for v in self.model.embed_hw[:1] * 2) and tuple(m.shape[-2:]) != (
+                4 * self.model.embed_hw[0] // 4, 4 * self.model.embed_hw[1] // 4
+            ):
+                raise SamliverError(
+                    f"mask_input must be the (1, {self.model.embed_hw[0]}, {self.model.embed_hw[1]}) low-res "
+                    f"logits of a previous predict, got shape {np.asarray(mask_input).shape}."
+                )
+            mask_t = torch.as_tensor(m, device=self.model.device)
+        if coords_t is not None and n > 1:
+            coords_t = coords_t.expand(n, -1, -1)
+            labels_t = labels_t.expand(n, -1)
+        if mask_t is not None and n > 1 and mask_t.shape[0] == 1:
+            mask_t = mask_t.expand(n, -1, -1, -1)
+        with torch.inference_mode():
+            sparse, dense = self.model.prompt_encoder(
+                points=None if coords_t is None else (coords_t, labels_t), boxes=box_t, masks=mask_t
+            )
+            low, iou = self.model.mask_decoder(
+                image_embeddings=self.features,
+                image_pe=self._image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            full = t.mask_to_original(low.float())  # (n, K, H, W) logits
+        logits = full.cpu().numpy()
+        masks = logits if return_logits else logits > 0.0
+        scores = iou.float().cpu().numpy()
+        low_np = low.float().cpu().numpy()
+        if not several:
+            return masks[0], scores[0], low_np[0]
+        return masks, scores, low_np
+
+
+def _save_overlay(slice_hu: np.ndarray, mask: np.ndarray, path: Path, box=None, points=None, labels=None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .preprocess import window_to_unit
+    from .util import atomic_path
+
+    try:
+        from .visualization import overlay_rgb
+
+        rgb = overlay_rgb(window_to_unit(slice_hu), mask.astype(np.uint8), alpha=0.4)
+    except Exception:  # the overlay helper is a convenience; fall back to a plain red tint
+        unit = window_to_unit(slice_hu)
+        rgb = np.repeat(unit[..., None], 3, axis=-1)
+        rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array([1.0, 0.2, 0.2])
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.imshow(rgb)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
+    if points is not None:
+        for (x, y), lab in zip(points, labels):
+            ax.plot(x, y, "o", color="lime" if lab else "red", ms=6)
+    ax.set_axis_off()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``samliver segment VOLUME --slice Z (--box x0 y0 x1 y1 | --point x y [--negative x y]) -o mask.nii.gz``."""
+    parser = argparse.ArgumentParser(prog="samliver segment", description="Segment one slice from a box or points.")
+    parser.add_argument("volume", help="a NIfTI file, DICOM folder, .mrc file, or 'sample'")
+    parser.add_argument("--slice", "-z", type=int, required=True, dest="z")
+    parser.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
+    parser.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), default=[])
+    parser.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), default=[])
+    parser.add_argument("-o", "--output", default="mask.nii.gz")
+    parser.add_argument("--png", default=None, help="overlay PNG (default: beside the mask)")
+    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--window", default="abdomen")
+    parser.add_argument("--multimask", action="store_true", help="keep the best of 3 masks by predicted IoU")
+    args = parser.parse_args(argv)
+    if args.box is None and not args.point and not args.negative:
+        raise SamliverError("Give a prompt: --box x0 y0 x1 y1 or --point x y (and optionally --negative x y).")
+
+    from .embeddings import embed_volume, load_volume_arg
+    from .io import save_label_nifti
+    from .models import get_model
+
+    volume = load_volume_arg(args.volume)
+    if not 0 <= args.z < volume.shape[0]:
+        raise SamliverError(f"--slice {args.z} is outside the volume's 0..{volume.shape[0] - 1}.")
+    model = get_model(args.model, checkpoint=args.checkpoint)
+    emb = embed_volume(volume, model, slices=[args.z], window=args.window, progress=False)
+    predictor = Predictor(model)
+    predictor.set_slice(emb, args.z)
+    points = args.point + args.negative
+    labels = [1] * len(args.point) + [0] * len(args.negative)
+    masks, scores, _ = predictor.predict(
+        points=np.array(points) if points else None,
+        point_labels=np.array(labels) if points else None,
+        box=np.array(args.box) if args.box is not None else None,
+        multimask_output=args.multimask,
+    )
+    best = int(np.argmax(scores))
+    mask = masks[best]
+    label = np.zeros(volume.shape, np.uint8)
+    label[args.z] = mask.astype(np.uint8)
+    out = save_label_nifti(label, volume, args.output)
+    name = Path(args.output).name
+    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
+    png = Path(args.png) if args.png else Path(args.output).with_name(stem + ".png")
+    _save_overlay(volume.hu[args.z], mask, png, box=args.box, points=points or None, labels=labels)
+    print(f"slice {args.z}: {int(mask.sum())} pixels, predicted IoU {float(scores[best]):.3f} -> {out}, {png}")
+    return 0
