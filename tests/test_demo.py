@@ -1,0 +1,39 @@
+import json
+
+from samliver import demo
+from samliver.io import count_lesions
+
+
+STAGE1 = [demo.step_fetch, demo.step_summary, demo.step_overview]
+
+
+def test_demo_stage1(tmp_path, capsys, sample_volume):
+    """The stage-1 steps (fetch, summary, overview); later stages test their own steps."""
+    assert demo.STEPS[:3] == STAGE1
+    demo.run_demo(tmp_path, steps=STAGE1)
+    out = capsys.readouterr().out
+    assert "shape:    (128, 128, 128)" in out and "spacing:  unknown" in out
+    n = count_lesions(sample_volume.label)
+    assert f"in {n} lesion(s)" in out
+    png = tmp_path / "overview.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    s = summary["results"]["summary"]
+    assert s["lesions_3d"] == n and s["spacing_zyx_mm"] is None
+    assert s["voxels"]["tumour"] == int((sample_volume.label == 2).sum())
+    assert set(summary["timings_s"]) == {"step_fetch", "step_summary", "step_overview"}
+
+
+def test_demo_steps_are_pluggable(tmp_path, phantom):
+    seen = []
+
+    def step_load_phantom(ctx):
+        ctx.volume = phantom
+
+    def step_extra(ctx):
+        seen.append(ctx.volume.shape)
+        ctx.results["extra"] = 1
+
+    ctx = demo.run_demo(tmp_path, steps=[step_load_phantom, demo.step_summary, step_extra])
+    assert seen == [(32, 128, 128)] and ctx.results["summary"]["lesions_3d"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["results"]["extra"] == 1

@@ -1,0 +1,90 @@
+"""Experiment runner: records, tables, plots, splits and errors (tiny random model, synthetic CT)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from samliver import experiment
+from samliver.io import CTVolume
+from samliver.util import SamliverError
+
+
+def _records():
+    recs = []
+    for m in ("cnn", "unet"):
+        for k in (1, 2, 4):
+            for s in (0, 1):
+                recs.append({"method": m, "protocol": "sparse", "k": k, "seed": s,
+                             "liver_dice": 0.5 + 0.1 * k + 0.01 * s, "tumour_dice": 0.3,
+                             "n_test": 10, "seconds": 1.0})
+    recs.append({"method": "zeroshot:box", "protocol": "sparse", "k": 0, "seed": 0,
+                 "liver_dice": 0.9, "tumour_dice": None, "n_test": 10, "seconds": 1.0})
+    return recs
+
+
+def test_outputs_written(tmp_path):
+    recs = _records()
+    rows = experiment.summarise(recs)
+    cnn4 = [r for r in rows if r["method"] == "cnn" and r["k"] == 4][0]
+    assert cnn4["liver_dice"] == pytest.approx(0.905) and cnn4["liver_dice_sd"] == pytest.approx(0.005)
+    paths = experiment.write_outputs(recs, tmp_path)
+    assert paths["csv"].read_text().splitlines()[0].startswith("method,protocol,k,seed,liver_dice")
+    md = paths["md"].read_text()
+    assert "| sparse | 4 | cnn | 0.905 ± 0.005 |" in md and "zeroshot:box" in md
+    assert paths["png"].stat().st_size > 5000
+
+
+def _volume(n=8, size=32):
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.full((n, size, size), -100.0, np.float32)
+    lab = np.zeros((n, size, size), np.uint8)
+    for z in range(n):
+        liver = (yy - 16) ** 2 + (xx - 14) ** 2 < 100
+        hu[z][liver], lab[z][liver] = 60, 1
+        lab[z][(yy - 15) ** 2 + (xx - 12) ** 2 < 9] = 2
+    return CTVolume(hu=hu, label=lab, source="synthetic")
+
+
+def test_custom_split_runs_with_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
+    from samliver.embeddings import embed_volume
+    from samliver.models import get_model
+
+    with pytest.warns(UserWarning):
+        model = get_model("tiny", device="cpu")
+    vol = _volume()
+    emb = embed_volume(vol, model, progress=False)
+    recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=["linear", "cnn"],
+                                 baselines=["unet"], seeds=[0], train_slices=[1, 4],
+                                 test_slices=[5, 6, 7], steps=2, progress=False)
+    assert [r["method"] for r in recs] == ["linear", "cnn", "unet"]
+    for r in recs:
+        assert r["k"] == 2 and r["protocol"] == "custom" and 0 <= r["liver_dice"] <= 1
+        json.dumps(r)
+    with pytest.raises(SamliverError, match="overlap"):
+        experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=["linear"],
+                              baselines=[], seeds=[0], train_slices=[1, 2], test_slices=[2, 3],
+                              steps=1, progress=False)
+    with pytest.raises(SamliverError, match="outside"):
+        experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=["linear"],
+                              baselines=[], seeds=[0], train_slices=[1, 40], steps=1,
+                              progress=False)
+
+
+def test_k_larger_than_available():
+    vol = _volume()
+    with pytest.raises(SamliverError, match="K=9"):
+        experiment._check_split(vol, list(range(8)), [], 9)
+
+
+def test_cli_rejects_bad_names():
+    with pytest.raises(SamliverError, match="Unknown heads"):
+        experiment.main(["--heads", "resnet", "--json"])
+    with pytest.raises(SamliverError, match="integers"):
+        experiment.main(["--k", "a,b"])
+
+
+def test_dataset_folder_errors(tmp_path):
+    with pytest.raises(SamliverError, match="not an MSD task"):
+        experiment.dataset_cases(tmp_path)

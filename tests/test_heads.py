@@ -1,0 +1,70 @@
+"""Heads: shapes, any embedding size, AutoSAM from a decoder, gradients flow."""
+
+import pytest
+import torch
+
+from samliver.heads import HEAD_KINDS, build_head
+from samliver.util import SamliverError
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_head_output_shape(kind):
+    torch.manual_seed(0)
+    head = build_head(kind)
+    emb = torch.randn(2, 256, 64, 64)
+    image = torch.rand(2, 1, 256, 256)
+    out = head(emb, image=image)
+    assert out.shape == (2, 3, 256, 256)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    grads = [p.grad for p in head.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_head_other_embedding_size(kind):
+    head = build_head(kind, embed_dim=32, n_classes=2, out_size=64)
+    out = head(torch.randn(1, 32, 16, 16), image=torch.rand(1, 1, 64, 64))
+    assert out.shape == (1, 2, 64, 64)
+
+
+class _FakeModel:
+    """Stands in for a SamModel: a randomly initialised decoder with a 64-channel embedding."""
+
+    def __init__(self):
+        from samliver.heads import _random_sam_parts
+
+        self.mask_decoder, self.prompt_encoder = _random_sam_parts(64, 16)
+        self.embed_dim, self.embed_hw, self.image_size, self.name = 64, (16, 16), 64, "fake"
+
+
+def test_autosam_starts_from_model_decoder():
+    model = _FakeModel()
+    head = build_head("autosam", model=model)
+    assert head.embed_dim == 64 and head.out_size == 64
+    # class tokens start from the decoder's first mask token, hypernetworks are copies
+    base = model.mask_decoder.mask_tokens.weight[0]
+    assert torch.allclose(head.class_tokens.mean(0), base, atol=0.05)
+    w0 = model.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight
+    assert torch.equal(head.hyper_mlps[2].layers[0].weight, w0)
+    # the model's own decoder is untouched by training the head
+    assert head.transformer is not model.mask_decoder.transformer
+    out = head(torch.randn(1, 64, 16, 16), image=torch.rand(1, 1, 64, 64))
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_autosam_train_parts():
+    head = build_head("autosam", embed_dim=32, out_size=64, train_parts="tokens")
+    assert not any(p.requires_grad for p in head.transformer.parameters())
+    assert head.class_tokens.requires_grad
+    with pytest.raises(SamliverError):
+        head.set_train_parts("nothing")
+
+
+def test_unknown_kind_and_missing_image():
+    with pytest.raises(SamliverError, match="Unknown head"):
+        build_head("resnet")
+    head = build_head("cnn")
+    with pytest.raises(SamliverError, match="image"):
+        head(torch.randn(1, 256, 64, 64))
+    assert build_head("cnn", use_image=False)(torch.randn(1, 256, 64, 64)).shape == (1, 3, 256, 256)

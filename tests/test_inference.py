@@ -1,0 +1,84 @@
+"""Post-processing, tumour burden, whole-volume prediction and the predict CLI."""
+
+import numpy as np
+import pytest
+
+from samliver.inference import format_burden, postprocess, tumour_burden
+
+
+def _label():
+    lab = np.zeros((10, 40, 40), np.uint8)
+    lab[2:8, 5:30, 5:30] = 1          # the liver
+    lab[3:5, 10:14, 10:14] = 2        # lesion 1 (inside)
+    lab[5:7, 20:25, 20:25] = 2        # lesion 2 (inside)
+    lab[4, 35:38, 35:38] = 1          # a small false-positive liver island
+    lab[8:10, 33:36, 2:4] = 2         # a tumour island outside the liver
+    return lab
+
+
+def test_postprocess_keeps_largest_liver_and_inner_tumours():
+    out = postprocess(_label())
+    assert out[4, 36, 36] == 0 and out[9, 34, 3] == 0
+    assert out[3, 11, 11] == 2 and out[6, 22, 22] == 2 and out[2, 6, 6] == 1
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert postprocess(np.zeros((3, 5, 5))).sum() == 0
+    # a hole inside the liver is filled as liver
+    lab = np.zeros((3, 20, 20), np.uint8)
+    lab[:, 2:18, 2:18] = 1
+    lab[1, 8:10, 8:10] = 0
+    assert postprocess(lab)[1, 8, 8] == 1
+
+
+def test_tumour_burden_voxels_and_ml():
+    lab = postprocess(_label())
+    b = tumour_burden(lab)
+    assert b["unit"] == "voxels" and b["n_lesions"] == 2
+    assert b["lesion_volumes"] == [50.0, 32.0]
+    assert b["tumour_volume"] == 82.0
+    assert b["liver_volume"] == (lab >= 1).sum()
+    assert b["tumour_share"] == pytest.approx(82 / (lab >= 1).sum())
+    m = tumour_burden(lab, spacing=(2.0, 1.0, 1.0))
+    assert m["unit"] == "mL" and m["lesion_volumes"][0] == pytest.approx(0.1)
+    assert "2 lesion(s)" in format_burden(b)
+    assert tumour_burden(np.zeros((2, 3, 3)))["tumour_share"] == 0.0
+
+
+def test_predict_volume_and_cli_with_tiny_model(tmp_path, monkeypatch):
+    """Whole-volume prediction + `samliver predict` (tiny RANDOM model: shapes and geometry only)."""
+    import nibabel as nib
+
+    from samliver.heads import build_head
+    from samliver.inference import main, predict_volume
+    from samliver.io import load_volume, save_volume_nifti
+    from samliver.models import get_model
+    from samliver.phantom import make_phantom
+    from samliver.training import TrainConfig, save_checkpoint
+    from samliver.util import SamliverError
+
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path / "home"))
+    with pytest.warns(UserWarning):
+        model = get_model("tiny", device="cpu")
+    vol = make_phantom(shape=(8, 40, 48), n_lesions=1)
+    vol.hu, vol.label = vol.hu[2:5].copy(), vol.label[2:5].copy()
+    head = build_head("cnn", model=model)
+    label = predict_volume(vol, model, head, progress=False)
+    assert label.shape == vol.hu.shape and label.dtype == np.uint8
+    assert set(np.unique(label)) <= {0, 1, 2}
+    part = predict_volume(vol, model, head, slices=[1], postprocess_label=False, progress=False)
+    assert part[0].sum() == 0 and part[2].sum() == 0
+
+    ckpt = save_checkpoint(tmp_path / "head.pt", head, config=TrainConfig(kind="cnn"),
+                           model_info={"model_name": "tiny", "weights_id": model.weights_id})
+    src = save_volume_nifti(vol.hu, tmp_path / "ct.nii.gz", spacing=vol.spacing)
+    out = tmp_path / "mask.nii.gz"
+    assert main([str(src), "--head", str(ckpt), "-o", str(out), "--json"]) == 0
+    img = nib.load(str(out))
+    ref = nib.load(str(src))
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+    back = load_volume(src, out)
+    assert back.label.shape == vol.hu.shape
+
+    other = save_checkpoint(tmp_path / "other.pt", build_head("cnn", embed_dim=64),
+                            config=TrainConfig(kind="cnn"), model_info={"model_name": "tiny"})
+    with pytest.raises(SamliverError, match="embeddings of shape"):
+        main([str(src), "--head", str(other), "-o", str(out)])

@@ -1,0 +1,180 @@
+"""Training on synthetic embeddings: learns, checkpoints load/resume/refuse, NaN stops safely."""
+
+import numpy as np
+import pytest
+import torch
+
+from samliver import training
+from samliver.training import (TrainConfig, load_head, parse_slices, predict_logits, seg_loss,
+                               train_head)
+from samliver.util import SamliverError
+
+
+def _synthetic(n=6, seed=0, dim=16, grid=16, size=32):
+    """Labels with a 'liver' disc and a 'tumour' blob; embeddings = noisy one-hot at grid size."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels, embs, images = [], [], []
+    for _ in range(n):
+        cy, cx = rng.uniform(10, 22, 2)
+        lab = np.zeros((size, size), np.int64)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 1
+        ty, tx = cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3)
+        lab[(yy - ty) ** 2 + (xx - tx) ** 2 < 9] = 2
+        onehot = np.eye(3)[lab].transpose(2, 0, 1)
+        small = onehot.reshape(3, grid, size // grid, grid, size // grid).mean((2, 4))
+        emb = rng.normal(0, 0.3, (dim, grid, grid))
+        emb[:3] += 2 * small
+        labels.append(lab), embs.append(emb), images.append(lab / 2.0)
+    return (np.asarray(embs, np.float32), np.asarray(labels), np.asarray(images, np.float32))
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("kind", ["linear", "cnn"])
+def test_training_learns(kind):
+    emb, lab, img = _synthetic()
+    cfg = TrainConfig(kind=kind, steps=80, batch_size=4, val_fraction=0, eval_every=40, lr=1e-2
+                      if kind == "linear" else 3e-3)
+    res = train_head(emb, lab, images=img, config=cfg, progress=False)
+    prob = predict_logits(res.head, emb, img)
+    pred = prob.argmax(1)
+    assert prob.shape == (6, 3, 32, 32)
+    assert _dice(pred >= 1, lab >= 1) > 0.8
+    assert res.history["val_on"] == "train" and len(res.history["loss"]) == 80
+
+
+def test_validation_split_and_early_stop():
+    emb, lab, img = _synthetic(n=10)
+    cfg = TrainConfig(kind="linear", steps=200, batch_size=4, val_fraction=0.2, eval_every=5,
+                      patience=2, lr=1e-6)  # a tiny LR: validation cannot improve -> early stop
+    res = train_head(emb, lab, images=img, config=cfg, progress=False)
+    assert res.history["n_val"] == 2 and res.history["n_train"] == 8
+    assert res.history["stopped"].startswith("early stop")
+
+
+def test_checkpoint_roundtrip_resume_and_refusal(tmp_path):
+    emb, lab, img = _synthetic()
+    ckpt = tmp_path / "head.pt"
+    cfg = TrainConfig(kind="cnn", steps=10, batch_size=2, val_fraction=0, eval_every=5)
+    info = {"model_name": "fake", "weights_id": "abc123"}
+    res = train_head(emb, lab, images=img, config=cfg, model_info=info, checkpoint=ckpt,
+                     progress=False, curves_path=tmp_path / "curves.png")
+    assert ckpt.exists() and (tmp_path / "curves.png").stat().st_size > 1000
+    head = load_head(ckpt, embedding_shape=(16, 16, 16))
+    a = predict_logits(head, emb, img)
+    b = predict_logits(res.head, emb, img)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert head.checkpoint_info["model_name"] == "fake"
+    # resume continues from the stored step
+    cfg2 = TrainConfig(kind="cnn", steps=15, batch_size=2, val_fraction=0, eval_every=5)
+    res2 = train_head(emb, lab, images=img, config=cfg2, resume=ckpt, progress=False)
+    assert res2.history["step"][-1] == 14 and res2.history["step"][0] == 0
+    # another model's embedding shape is refused with a clear message
+    with pytest.raises(SamliverError, match="another model"):
+        load_head(ckpt, embedding_shape=(256, 64, 64))
+
+    class Other:
+        name, embed_dim, embed_hw, weights_id = "litemedsam", 256, (64, 64), "zzz"
+
+    with pytest.raises(SamliverError, match="fake"):
+        load_head(ckpt, model=Other())
+    with pytest.raises(SamliverError, match="not found"):
+        load_head(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SamliverError):
+        load_head(tmp_path / "junk.pt")
+
+
+def test_nan_loss_stops_and_keeps_last_good(tmp_path, monkeypatch):
+    emb, lab, img = _synthetic()
+    calls = {"n": 0}
+
+    def flaky(logits, target, *a, **k):
+        calls["n"] += 1
+        loss = seg_loss(logits, target, *a, **k)
+        return loss * float("nan") if calls["n"] > 12 else loss
+
+    monkeypatch.setattr(training, "seg_loss", flaky)
+    ckpt = tmp_path / "head.pt"
+    cfg = TrainConfig(kind="cnn", steps=40, batch_size=2, val_fraction=0, eval_every=5)
+    res = train_head(emb, lab, images=img, config=cfg, checkpoint=ckpt, progress=False)
+    assert res.history["stopped"].startswith("non-finite loss at step 12")
+    assert all(torch.isfinite(p).all() for p in res.head.parameters())
+    head = load_head(ckpt)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_bad_inputs():
+    emb, lab, img = _synthetic()
+    with pytest.raises(SamliverError):
+        train_head(emb[:0], lab[:0], config=TrainConfig(kind="linear", steps=1), progress=False)
+    bad = emb.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(SamliverError, match="NaN"):
+        train_head(bad, lab, images=img, config=TrainConfig(kind="linear", steps=1), progress=False)
+    with pytest.raises(SamliverError, match="image"):
+        train_head(emb, lab, config=TrainConfig(kind="cnn", steps=1), progress=False)
+
+
+def test_augment_is_consistent():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    y = x[:, 0].long()
+    im = x[:, :1]
+    for _ in range(10):
+        a, b, c = training._augment(x, y, im, "flip+rot", gen)
+        assert torch.equal(a[:, 0].long(), b) and torch.equal(c[:, 0], a[:, 0])
+
+
+def test_parse_slices():
+    assert parse_slices("3,20,41") == [3, 20, 41]
+    assert parse_slices("50-53,1") == [1, 50, 51, 52, 53]
+    assert parse_slices(None) is None
+    with pytest.raises(SamliverError):
+        parse_slices("a-b")
+
+
+def test_train_cli_with_tiny_model(tmp_path, monkeypatch):
+    """`samliver train` end to end on a phantom file (tiny RANDOM model: plumbing only)."""
+    from samliver.io import save_volume_nifti
+    from samliver.phantom import make_phantom
+
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path / "home"))
+    vol = make_phantom(shape=(8, 32, 32), n_lesions=1)
+    img = save_volume_nifti(vol.hu, tmp_path / "ct.nii.gz", spacing=vol.spacing)
+    lab = save_volume_nifti(vol.label, tmp_path / "lab.nii.gz", spacing=vol.spacing, label=True)
+    out = tmp_path / "head.pt"
+    with pytest.warns(UserWarning):
+        rc = training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "linear",
+                            "--train-slices", "2,5", "--steps", "3", "-o", str(out)])
+    assert rc == 0 and out.exists() and out.with_suffix(".curves.png").exists()
+    with pytest.raises(SamliverError, match="outside"):
+        training.main([str(img), "--label", str(lab), "--model", "tiny", "--train-slices", "40"])
+    with pytest.raises(SamliverError, match="no label"):
+        training.main([str(img), "--model", "tiny", "--train-slices", "1"])
+
+
+@pytest.mark.slow
+def test_cnn_head_on_real_sample_slices():
+    """A few real LiteMedSAM embeddings of the sample: a short training already finds the liver."""
+    from samliver.embeddings import embed_volume
+    from samliver.models import get_model
+    from samliver.sample import fetch_sample, load_sample
+
+    fetch_sample()
+    vol = load_sample()
+    model = get_model("litemedsam", device="cpu")
+    train, test = [40, 60], [50]
+    emb = embed_volume(vol, model, slices=train + test, progress=False)
+    x, y, im = training.slice_tensors(vol, emb, train)
+    assert x.shape == (2, 256, 64, 64) and y.shape == (2, 256, 256) and im.shape == (2, 256, 256)
+    cfg = TrainConfig(kind="cnn", steps=40, batch_size=2, val_fraction=0, eval_every=40)
+    res = train_head(x, y, images=im, config=cfg, model=model, progress=False)
+    xt, _, imt = training.slice_tensors(vol, emb, test)
+    prob = emb.transform.mask_to_original(predict_logits(res.head, xt, imt))
+    pred = prob.argmax(1)
+    gt = vol.label[test]
+    assert _dice(pred >= 1, gt >= 1) > 0.7
