@@ -96,11 +96,12 @@ class Predictor:
                 raise SamliverError(f"Box {b.tolist()} is not finite.")
             if x1 <= x0 or y1 <= y0:
                 raise SamliverError(f"Box {b.tolist()} is empty or inverted: give x0 < x1 and y0 < y1 (x0, y0, x1, y1).")
-            if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+            if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
                 raise SamliverError(f"Box {b.tolist()} lies outside the {w}x{h} (width x height) slice.")
-        # A box sticking out of the image is clipped, as a user would mean.
-        box[:, [0, 2]] = np.clip(box[:, [0, 2]], 0, w - 1)
-        box[:, [1, 3]] = np.clip(box[:, [1, 3]], 0, h - 1)
+        # A box sticking out of the image is clipped, as a user would mean. Box coordinates are
+        # pixel edges (pixel x spans [x, x + 1)), so the right edge of the image is x = w.
+        box[:, [0, 2]] = np.clip(box[:, [0, 2]], 0, w)
+        box[:, [1, 3]] = np.clip(box[:, [1, 3]], 0, h)
         return box
 
     def _check_points(self, points, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -130,10 +131,12 @@ class Predictor:
         """Decode masks from prompts in original slice pixels.
 
         points (N, 2) x, y with point_labels (N,) 1 = object, 0 = background; box (4,) x0, y0,
-        x1, y1; boxes (M, 4) several boxes at once (one prediction each); mask_input (1, 64, 64)
-        low-res logits from a previous call. Returns ``(masks, scores, low_res_logits)``:
+        x1, y1 in pixel-edge coordinates (pixel x spans [x, x + 1); see
+        :func:`samliver.prompts.box_from_mask`); boxes (M, 4) several boxes at once (one prediction each; points (N, 2) are then
+        shared by all boxes, or give per-box points (M, N, 2) with labels (M, N)); mask_input
+        (1, 256, 256) low-res logits from a previous call ((M, 1, 256, 256) with boxes). Returns ``(masks, scores, low_res_logits)``:
         masks bool (K, H, W) (K = 3 with multimask_output, else 1), or (M, K, H, W) for boxes;
-        scores the predicted IoU per mask; low_res_logits (K, 64, 64) / (M, K, 64, 64).
+        scores the predicted IoU per mask; low_res_logits (K, 256, 256) / (M, K, 256, 256).
         """
         import torch
 
@@ -148,11 +151,22 @@ class Predictor:
         coords_t = labels_t = box_t = mask_t = None
         n = 1
         if points is not None and len(np.asarray(points).reshape(-1, 2)):
+            raw = np.asarray(points, dtype=np.float64)
             pts, lab = self._check_points(points, point_labels)
-            coords_t = torch.as_tensor(t.apply_coords(pts), dtype=torch.float32, device=self.model.device)[None]
-            labels_t = torch.as_tensor(lab, dtype=torch.int64, device=self.model.device)[None]
-        elif points is None and box is None and boxes is None and mask_input is None:
-            pass
+            if several and raw.ndim == 3:
+                # Per-box points (M, N, 2) with labels (M, N): one object per box, decoded together.
+                if point_labels is None or np.asarray(point_labels).shape != raw.shape[:2]:
+                    raise SamliverError(
+                        f"Per-box points of shape {raw.shape} need point_labels of shape {raw.shape[:2]}."
+                    )
+                if raw.shape[0] != len(np.asarray(boxes).reshape(-1, 4)):
+                    raise SamliverError(f"{raw.shape[0]} groups of points for {len(np.asarray(boxes).reshape(-1, 4))} boxes.")
+                pts, lab = pts.reshape(raw.shape), lab.reshape(raw.shape[:2])
+                coords_t = torch.as_tensor(t.apply_coords(pts), dtype=torch.float32, device=self.model.device)
+                labels_t = torch.as_tensor(lab, dtype=torch.int64, device=self.model.device)
+            else:
+                coords_t = torch.as_tensor(t.apply_coords(pts), dtype=torch.float32, device=self.model.device)[None]
+                labels_t = torch.as_tensor(lab, dtype=torch.int64, device=self.model.device)[None]
         bx = boxes if several else box
         if bx is not None:
             b = self._check_box(bx)
@@ -162,16 +176,17 @@ class Predictor:
             n = len(b)
         if mask_input is not None:
             m = np.asarray(mask_input, dtype=np.float32)
-            m = m.reshape(-1, 1, *m.shape[-2:])
-            if tuple(m.shape[-2:]) != tuple(4 * v for v in self.model.embed_hw[:1] * 2) and tuple(m.shape[-2:]) != (
-                4 * self.model.embed_hw[0] // 4, 4 * self.model.embed_hw[1] // 4
-            ):
+            # SAM's mask input is the low-res logits (4x the embedding grid, e.g. 256x256 for a
+            # 64x64 embedding), as returned by a previous predict().
+            low_hw = (4 * self.model.embed_hw[0], 4 * self.model.embed_hw[1])
+            if m.ndim < 2 or tuple(m.shape[-2:]) != low_hw:
                 raise SamliverError(
-                    f"mask_input must be the (1, {self.model.embed_hw[0]}, {self.model.embed_hw[1]}) low-res "
-                    f"logits of a previous predict, got shape {np.asarray(mask_input).shape}."
+                    f"mask_input must be the (1, {low_hw[0]}, {low_hw[1]}) low-res logits of a previous "
+                    f"predict(), got shape {m.shape}."
                 )
+            m = m.reshape(-1, 1, *low_hw)
             mask_t = torch.as_tensor(m, device=self.model.device)
-        if coords_t is not None and n > 1:
+        if coords_t is not None and n > 1 and coords_t.shape[0] == 1:
             coords_t = coords_t.expand(n, -1, -1)
             labels_t = labels_t.expand(n, -1)
         if mask_t is not None and n > 1 and mask_t.shape[0] == 1:
