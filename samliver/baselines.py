@@ -219,7 +219,11 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
 
 def run_zero_shot(volume: Any, model: Any, test_slices: list[int], modes: list[str] | None = None
                   ) -> list[dict]:
-    """Zero-shot prompted SAM on ``test_slices`` (the engine's ``evaluate_zero_shot``)."""
-    from .zero_shot import evaluate_zero_shot
+    """Zero-shot prompted SAM on ``test_slices`` (the engine's ``evaluate_zero_shot``).
 
-    return evaluate_zero_shot(volume, model, list(test_slices), modes=modes)
+    Default modes: ``zero_shot.BASELINE_MODES`` (liver box, lesion boxes, 3D propagation).
+    """
+    from .zero_shot import BASELINE_MODES, evaluate_zero_shot
+
+    return evaluate_zero_shot(volume, model, list(test_slices), modes=modes or BASELINE_MODES,
+                              progress=False)

@@ -114,14 +114,11 @@ def step_embed(ctx: DemoContext) -> None:
 
 def step_zero_shot(ctx: DemoContext) -> None:
     """Zero-shot prompted SAM (prompts simulated from the ground truth) on the test slices."""
-    try:
-        from .zero_shot import evaluate_zero_shot
-    except ImportError as err:  # the engine module is optional for the rest of the demo
-        print(f"zero-shot baseline skipped ({err})")
-        ctx.results["zero_shot"] = []
-        return
+    from .zero_shot import BASELINE_MODES, evaluate_zero_shot
+
     test = ctx.results["split"]["test"]
-    rows = evaluate_zero_shot(ctx.volume, ctx.results["model"], test[::4] if ctx.fast else test)
+    rows = evaluate_zero_shot(ctx.volume, ctx.results["model"], test[::4] if ctx.fast else test,
+                              modes=BASELINE_MODES, embeddings=ctx.results["embeddings"])
     ctx.results["zero_shot"] = rows
     for row in rows:
         print(f"zero-shot {row.get('mode')}: liver Dice {row.get('liver_dice')}, "

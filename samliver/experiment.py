@@ -131,13 +131,7 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
             log.flush()
     if "zeroshot" in baselines:
         test = splits[0][2]
-        try:
-            rows = run_zero_shot(volume, model, test)
-        except ImportError as err:  # the engine's zero-shot module is missing in this install
-            import warnings
-
-            warnings.warn(f"zero-shot baseline skipped: {err}", stacklevel=2)
-            rows = []
+        rows = run_zero_shot(volume, model, test)
         for row in rows:
             records.append({"method": f"zeroshot:{row.get('mode', 'box')}", "protocol": protocol,
                             "k": 0, "seed": 0,

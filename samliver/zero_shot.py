@@ -29,6 +29,9 @@ from scipy import ndimage
 from .util import SamliverError
 
 MODES = ("liver_box", "lesion_boxes", "lesion_points", "corrective_clicks", "propagation_3d")
+# The modes used as the baseline against the heads (demo, experiment): what a user gives with
+# boxes, per slice and in 3D. Points and clicks are for the prompt study (notebook 03).
+BASELINE_MODES = ("liver_box", "lesion_boxes", "propagation_3d")
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:

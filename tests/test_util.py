@@ -1,0 +1,40 @@
+"""util: atomic writes keep the old file on failure and get normal permissions."""
+
+import os
+import stat
+
+import pytest
+
+from samliver.util import SamliverError, atomic_path, atomic_write_text, cache_dir
+
+
+def test_atomic_write_replaces_and_keeps_old_on_failure(tmp_path):
+    p = atomic_write_text(tmp_path / "a.txt", "first")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert p.read_text() == "first"
+    assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
+
+
+def test_atomic_write_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+def test_unwritable_cache(tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        target = tmp_path / "file"  # root can write anywhere: use a path under a regular file
+        target.write_text("")
+        monkeypatch.setenv("SAMLIVER_HOME", str(target))
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        monkeypatch.setenv("SAMLIVER_HOME", str(ro / "home"))
+    with pytest.raises(SamliverError, match="SAMLIVER_HOME"):
+        cache_dir("embeddings")
