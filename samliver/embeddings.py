@@ -195,8 +195,10 @@ def embed_volume(
 
     Defaults: all slices, the ``"abdomen"`` window (-160, 240 HU), 4 slices per encoder batch,
     a tqdm progress bar, cache under ``$SAMLIVER_HOME/embeddings``. Only slices without a valid
-    cached embedding are computed.
+    cached embedding are computed, in batches through ``model.encode`` (inference mode; CPU
+    threads from ``model.num_threads``), each written as soon as its batch is done.
     """
+    import torch
     from tqdm.auto import tqdm
 
     from .preprocess import window_to_unit
@@ -215,8 +217,6 @@ def embed_volume(
     with tqdm(total=len(todo), desc=f"encoding ({model.name})", unit="slice", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            import torch
-
             batch = torch.stack([model.prepare(window_to_unit(hu[z], (lo, hi))) for z in chunk])
             out = model.encode(batch).cpu().numpy()
             for z, emb in zip(chunk, out):

