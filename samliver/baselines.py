@@ -192,10 +192,13 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
 def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[int], *,
                       ssl: bool = False, steps: int = 300, ssl_steps: int = 150, seed: int = 0,
                       window: str = "abdomen", device: str | None = None,
-                      unlabelled_slices: list[int] | None = None) -> dict:
+                      unlabelled_slices: list[int] | None = None,
+                      postprocess_pred: bool = True) -> dict:
     """Train (optionally SimCLR-pre-trained) UNet on ``train_slices``; global Dice on ``test_slices``.
 
     ``unlabelled_slices`` for SimCLR default to every slice not in ``train_slices``.
+    ``postprocess_pred`` (default True) applies the same ``inference.postprocess`` as the heads
+    get, so the comparison is like for like.
     Returns ``{method, liver_dice, tumour_dice, pred (test labels)}``.
     """
     from .preprocess import window_to_unit
@@ -212,6 +215,10 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
     net = train_unet(unit[train_slices], volume.label[train_slices], steps=steps, seed=seed,
                      encoder_state=enc, device=device)
     pred = predict_unet(net, unit[test_slices])
+    if postprocess_pred:
+        from .inference import postprocess
+
+        pred = postprocess(pred)
     gt = volume.label[test_slices]
     return {"method": "ssl" if ssl else "unet", "liver_dice": _dice(pred >= 1, gt >= 1),
             "tumour_dice": _dice(pred == 2, gt == 2), "pred": pred}

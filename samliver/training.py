@@ -242,12 +242,21 @@ def check_compatible(ckpt: dict, *, model: Any = None, embedding_shape: tuple | 
             f"{tuple(embedding_shape)}: the head was trained for another model.")
 
 
+def _head_options(ckpt: dict) -> dict:
+    """The head options stored in a checkpoint, completed for older checkpoints."""
+    opts = dict(ckpt["head_options"])
+    if ckpt["head_kind"] == "cnn" and "full_res" not in opts:
+        # checkpoints from before the full-resolution block became the default have none
+        opts["full_res"] = any(k.startswith("up.full.") for k in ckpt["state_dict"])
+    return opts
+
+
 def load_head(path: str | Path, model: Any = None, *, device: str | None = None,
               embedding_shape: tuple | None = None) -> torch.nn.Module:
     """Load a trained head; refuses a checkpoint made for another model or embedding shape."""
     ckpt = _read_checkpoint(path)
     check_compatible(ckpt, model=model, embedding_shape=embedding_shape, source=str(path))
-    opts = dict(ckpt["head_options"])
+    opts = _head_options(ckpt)
     opts["out_size"] = ckpt["out_size"]
     opts["embed_hw"] = ckpt["embed_hw"]
     head = build_head(ckpt["head_kind"], embed_dim=ckpt["embed_dim"], n_classes=ckpt["n_classes"],
@@ -302,7 +311,7 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
     if resume_ckpt is not None:
         check_compatible(resume_ckpt, model=model, embedding_shape=emb.shape[1:], source=str(resume))
         config = TrainConfig(**{**resume_ckpt["config"], "steps": config.steps})
-        opts = dict(resume_ckpt["head_options"], out_size=resume_ckpt["out_size"])
+        opts = dict(_head_options(resume_ckpt), out_size=resume_ckpt["out_size"])
         head = build_head(config.kind, embed_dim=emb.shape[1], model=model, **opts)
         head.load_state_dict(resume_ckpt["state_dict"])
     else:

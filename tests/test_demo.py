@@ -37,3 +37,29 @@ def test_demo_steps_are_pluggable(tmp_path, phantom):
     ctx = demo.run_demo(tmp_path, steps=[step_load_phantom, demo.step_summary, step_extra])
     assert seen == [(32, 128, 128)] and ctx.results["summary"]["lesions_3d"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["results"]["extra"] == 1
+
+
+def test_zero_shot_step_is_cached(tmp_path, monkeypatch, phantom):
+    """The zero-shot baseline rows are cached: a warm demo does not recompute them."""
+    import numpy as np
+
+    from samliver import zero_shot
+
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def fake(volume, model, slices, modes=None, **kw):
+        calls.append(list(slices))
+        return [{"mode": "box", "liver_dice": np.float64(0.9), "tumour_dice": None}]
+
+    monkeypatch.setattr(zero_shot, "evaluate_zero_shot", fake)
+
+    class Model:
+        name, weights_id = "fake", "abc"
+
+    for _ in range(2):
+        ctx = demo.DemoContext(out_dir=tmp_path, volume=phantom)
+        ctx.results.update(model=Model(), embeddings=None, split={"test": [1, 2, 3]})
+        demo.step_zero_shot(ctx)
+        assert ctx.results["zero_shot"][0]["liver_dice"] == 0.9
+    assert calls == [[1, 2, 3]]

@@ -88,3 +88,29 @@ def test_cli_rejects_bad_names():
 def test_dataset_folder_errors(tmp_path):
     with pytest.raises(SamliverError, match="not an MSD task"):
         experiment.dataset_cases(tmp_path)
+
+
+def test_zeroshot_baseline_records_with_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
+    from samliver.embeddings import embed_volume
+    from samliver.models import get_model
+
+    with pytest.warns(UserWarning):
+        model = get_model("tiny", device="cpu")
+    vol = _volume()
+    emb = embed_volume(vol, model, progress=False)
+    recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=[],
+                                 baselines=["zeroshot"], seeds=[0], train_slices=[1, 4],
+                                 test_slices=[5, 6], progress=False)
+    assert recs and all(r["method"].startswith("zeroshot:") and r["k"] == 0 for r in recs)
+    assert {"method", "k", "seed", "liver_dice", "tumour_dice"} <= set(recs[0])
+    json.dumps(recs)
+
+
+def test_cli_volume_without_label(tmp_path):
+    from samliver.io import save_volume_nifti
+
+    src = save_volume_nifti(_volume().hu, tmp_path / "ct.nii.gz")
+    with pytest.raises(SamliverError, match="no label"):
+        experiment.main([str(src), "--model", "tiny", "--heads", "linear", "--baselines", "",
+                         "--k", "1", "--seeds", "0", "--output-dir", str(tmp_path / "o")])

@@ -68,3 +68,15 @@ def test_unknown_kind_and_missing_image():
     with pytest.raises(SamliverError, match="image"):
         head(torch.randn(1, 256, 64, 64))
     assert build_head("cnn", use_image=False)(torch.randn(1, 256, 64, 64)).shape == (1, 3, 256, 256)
+
+
+def test_cnn_full_resolution_refinement_starts_as_identity():
+    torch.manual_seed(0)
+    head = build_head("cnn", full_res=True).eval()  # eval: no dropout
+    assert head.up.full is not None and head.options["full_res"] is True
+    emb, image = torch.randn(1, 256, 64, 64), torch.rand(1, 1, 256, 256)
+    out = head(emb, image=image)
+    head.up.full = None  # the same head without the full-resolution block
+    assert torch.allclose(out, head(emb, image=image))
+    # without the image skip there is nothing to refine with
+    assert build_head("cnn", full_res=True, use_image=False).up.full is None

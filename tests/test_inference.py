@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from samliver.inference import format_burden, postprocess, tumour_burden
+from samliver.util import SamliverError
 
 
 def _label():
@@ -27,6 +28,22 @@ def test_postprocess_keeps_largest_liver_and_inner_tumours():
     lab[:, 2:18, 2:18] = 1
     lab[1, 8:10, 8:10] = 0
     assert postprocess(lab)[1, 8, 8] == 1
+
+
+def test_postprocess_min_lesion_size():
+    lab = _label()
+    lab[6, 8, 8] = 2  # a one-voxel speck inside the liver
+    assert postprocess(lab)[6, 8, 8] == 1  # default: specks < 10 voxels become liver
+    assert tumour_burden(postprocess(lab))["n_lesions"] == 2
+    assert postprocess(lab, min_lesion_size=0)[6, 8, 8] == 2
+    assert tumour_burden(postprocess(lab, min_lesion_size=0))["n_lesions"] == 3
+    # a 40-voxel threshold drops the 32-voxel lesion too
+    assert tumour_burden(postprocess(lab, min_lesion_size=40))["n_lesions"] == 1
+    # in mL when the spacing is known: 32 voxels of 2 mm^3 = 0.064 mL
+    out = postprocess(lab, spacing=(2.0, 1.0, 1.0), min_lesion_ml=0.07)
+    assert tumour_burden(out)["n_lesions"] == 1
+    with pytest.raises(SamliverError, match="label volume"):
+        postprocess(np.zeros((4, 4), np.uint8))
 
 
 def test_tumour_burden_voxels_and_ml():

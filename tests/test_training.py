@@ -88,6 +88,23 @@ def test_checkpoint_roundtrip_resume_and_refusal(tmp_path):
         load_head(tmp_path / "junk.pt")
 
 
+def test_old_cnn_checkpoint_without_full_res_block_loads(tmp_path):
+    """Checkpoints from before full_res became the default (no option, no weights) still load."""
+    import torch
+
+    from samliver.heads import build_head
+    from samliver.training import save_checkpoint
+
+    old = build_head("cnn", embed_dim=16, out_size=64, embed_hw=16, full_res=False)
+    path = save_checkpoint(tmp_path / "old.pt", old, config=TrainConfig(kind="cnn"))
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["head_options"].pop("full_res")
+    torch.save(ckpt, path)
+    head = load_head(path)
+    assert head.up.full is None
+    assert build_head("cnn", embed_dim=16, out_size=64, embed_hw=16).up.full is not None
+
+
 def test_nan_loss_stops_and_keeps_last_good(tmp_path, monkeypatch):
     emb, lab, img = _synthetic()
     calls = {"n": 0}
