@@ -83,7 +83,10 @@ class App:
             tabs.set_title(i, title)
         self.tabs = tabs
         self.widget = widgets.VBox([
-            widgets.HTML("<h2>samliver: liver and tumour segmentation with SAM</h2>"),
+            widgets.HTML("<h2>samliver: liver and tumour segmentation with SAM</h2>"
+                         "<p>Choose a CT (the sample case, a path or an upload) and press <b>load</b>; browse it, "
+                         "drag a box to segment, or run a trained head on the whole volume for the tumour burden, "
+                         "the 3D view and a NIfTI download.</p>"),
             widgets.HBox([self.source_dd, self.b_load]),
             widgets.HBox([self.path_text, self.upload]),
             self.status, self.summary, tabs,

@@ -71,9 +71,10 @@ def _legend_html(classes=(1, 2)) -> str:
     items = []
     for c in classes:
         r, g, b = (int(255 * v) for v in CLASS_COLORS[c])
-        items.append(f"<span style='display:inline-block;width:12px;height:12px;background:rgb({r},{g},{b});"
-                     f"margin:0 4px 0 10px;vertical-align:middle'></span>{CLASS_NAMES[c]}")
-    return "<b>legend:</b>" + "".join(items)
+        items.append(f"<span style='white-space:nowrap'><span style='display:inline-block;width:12px;height:12px;"
+                     f"background:rgb({r},{g},{b});margin:0 4px 0 10px;vertical-align:middle'></span>"
+                     f"{CLASS_NAMES[c]}</span>")
+    return "<span style='white-space:nowrap'><b>legend:</b>" + "".join(items) + "</span>"
 
 
 def _take(arr: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -324,6 +325,7 @@ class SegmentWidget:
         self.out_path = out_path or "samliver_label.nii.gz"
         self._predictor = None
         self._predictor_z: int | None = None
+        self.encode_s: float | None = None  # encoder time of the last prompt, when it had to encode
         self._press: tuple[float, float, float, float, int] | None = None
         self.box_trained = "points" not in tuple(getattr(self.model, "prompt_types", ("points",))) or \
             getattr(self.model, "name", "") in ("litemedsam", "medsam_vit_b")
@@ -348,10 +350,12 @@ class SegmentWidget:
         self.b_save = widgets.Button(description="save NIfTI", icon="save")
         self.path_text = widgets.Text(value=self.out_path, description="save to")
         self.status = widgets.Label(value="")
-        self.latency = widgets.Label(value="decoder: - ms")
+        self.latency = widgets.Label(value="decoder: - ms", layout=widgets.Layout(margin="0 24px 0 4px"))
         self.slider.observe(lambda ch: self.set_slice(ch["new"]), names="value")
         self.multimask.observe(lambda ch: self.set_multimask(ch["new"]), names="value")
-        self.mask_choice.observe(lambda ch: self.choose_mask(ch["new"]), names="value")
+        self._syncing_choice = False
+        self.mask_choice.observe(lambda ch: None if self._syncing_choice else self.choose_mask(ch["new"]),
+                                 names="value")
         self.b_undo.on_click(lambda _: self.undo())
         self.b_reset.on_click(lambda _: self.reset())
         self.b_accept.on_click(lambda _: self.accept())
@@ -465,23 +469,44 @@ class SegmentWidget:
         self.points.append((x, y, 1 if positive else 0))
         return self._predict()
 
-    def _ensure_embedding(self, z: int) -> np.ndarray:
+    def _ensure_embedding(self, z: int) -> None:
+        """Make sure slice ``z`` has a cached embedding, encoding it (about 1 s on a CPU) if not.
+
+        New slices go into the same cache as ``self.embeddings`` (same window and cache folder).
+        """
         from .embeddings import embed_volume
 
-        if self.embeddings is None or z not in self.embeddings:
-            self.message(f"encoding slice {z} with {self.model.name} ...")
-            self.embeddings = embed_volume(self.hu, self.model, slices=[z], window=self.window, progress=False)
-        return np.asarray(self.embeddings[z], dtype=np.float32)
+        if self.embeddings is not None and z in self.embeddings:
+            return
+        self.message(f"encoding slice {z} with {self.model.name} (once; cached for next time) ...")
+        kwargs: dict[str, Any] = {"window": self.window}
+        if self.embeddings is not None and hasattr(self.embeddings, "window"):
+            kwargs["window"] = self.embeddings.window  # the cache's window, not the display's
+            kwargs["cache_root"] = Path(self.embeddings.path).parent.parent  # <root>/<model>/<key>
+        t0 = time.perf_counter()
+        new = embed_volume(self.hu, self.model, slices=[z], progress=False, **kwargs)
+        self.encode_s = time.perf_counter() - t0
+        if self.embeddings is None or not hasattr(self.embeddings, "window"):
+            self.embeddings = new
 
-    def _predict(self) -> np.ndarray | None:
+    def _set_predictor_slice(self) -> None:
         if self._predictor is None:
             from .prompt_based_segmentation import Predictor
 
             self._predictor = Predictor(self.model)
-        if self._predictor_z != self.z:
-            emb = self._ensure_embedding(self.z)
-            self._predictor.set_embedding(emb, self.hu.shape[1:], model_name=self.model.name)
-            self._predictor_z = self.z
+        if self._predictor_z == self.z:
+            return
+        self._ensure_embedding(self.z)
+        if hasattr(self.embeddings, "model_name") and hasattr(self._predictor, "set_slice"):
+            self._predictor.set_slice(self.embeddings, self.z)  # checks model and weights
+        else:
+            self._predictor.set_embedding(np.asarray(self.embeddings[self.z], np.float32), self.hu.shape[1:],
+                                          model_name=self.model.name)
+        self._predictor_z = self.z
+
+    def _predict(self) -> np.ndarray | None:
+        self.encode_s = None
+        self._set_predictor_slice()
         points = labels = None
         if self.points:
             points = np.array([[x, y] for x, y, _ in self.points], np.float32)
@@ -495,11 +520,17 @@ class SegmentWidget:
         self.scores = np.asarray(scores, np.float32).reshape(-1)
         best = int(np.argmax(self.scores)) if len(self.scores) > 1 else 0
         opts = [(f"mask {i + 1} ({s:.2f})", i) for i, s in enumerate(self.scores)]
-        with self.mask_choice.hold_trait_notifications():
+        # Options first, then the value (in one hold, the new value would be checked against the
+        # old options); the observer ignores these programmatic changes.
+        self._syncing_choice = True
+        try:
             self.mask_choice.options = opts
             self.mask_choice.value = best
+        finally:
+            self._syncing_choice = False
         self.choice = best
-        self.latency.value = f"decoder: {self.latency_ms:.0f} ms"
+        self.latency.value = f"decoder: {self.latency_ms:.0f} ms" + \
+            ("" if self.encode_s is None else f" (+ encoder {self.encode_s:.1f} s, now cached)")
         self.render()
         n = int(self.mask.sum())
         if n == 0:
@@ -585,37 +616,30 @@ class SegmentWidget:
     def propagate(self, cls: int | None = None, max_slices: int | None = None, margin: int = 3) -> list[int]:
         """Segment neighbouring slices from the current mask, up and down, and accept them.
 
-        Each next slice is prompted with the previous mask's bounding box plus ``margin`` pixels
-        (MedSAM's 3D recipe); it stops at an empty mask, the volume's end or ``max_slices``
-        per direction (default 3 in FAST mode, else unlimited). Missing embeddings are computed.
+        Calls :func:`samliver.multi_dimensional_segmentation.propagate_mask` (MedSAM's 3D recipe:
+        each next slice is prompted with the previous mask's box plus ``margin`` pixels, default
+        3); it stops at an empty mask, the volume's end or ``max_slices`` per direction (default 3
+        in FAST mode, else unlimited). Missing embeddings are computed on the way.
         """
+        from .multi_dimensional_segmentation import propagate_mask
+
         cls = int(self.target.value if cls is None else cls)
         m = self.mask
         if m is None or not m.any():
             raise SamliverError("No mask to propagate: segment a slice first (drag a box).")
         if max_slices is None:
             max_slices = 3 if fast_mode() else self.hu.shape[0]
-        start, start_mask = self.z, m.copy()
-        self._write(start, start_mask, cls)
-        done = [start]
-        h, w = self.hu.shape[1:]
+        self._set_predictor_slice()
+        self.message(f"propagating {CLASS_NAMES[cls]} from slice {self.z} ...")
         t0 = time.perf_counter()
-        for step in (1, -1):
-            prev = start_mask
-            z = start + step
-            while 0 <= z < self.hu.shape[0] and abs(z - start) <= max_slices:
-                ys, xs = np.nonzero(prev)
-                box = (max(0, xs.min() - margin), max(0, ys.min() - margin),
-                       min(w - 1, xs.max() + margin), min(h - 1, ys.max() + margin))
-                self.z, self.box, self.points = z, box, []
-                mask = self._predict()
-                if mask is None or mask.sum() < 5:
-                    break
-                self._write(z, mask, cls)
-                done.append(z)
-                prev = mask
-                z += step
-        self.z, self.box, self.points, self.masks, self.scores = start, None, [], None, None
+        try:
+            vol_mask, done = propagate_mask(self._predictor, self.embeddings, self.z, m, volume=self.hu,
+                                            margin=margin, max_slices=max_slices)
+        finally:
+            self._predictor_z = None  # propagation moved the predictor to other slices
+        for z in done:
+            self._write(z, vol_mask[z], cls)
+        self.box, self.points, self.history, self.masks, self.scores = None, [], [], None, None
         self.render()
         self.message(f"propagated {CLASS_NAMES[cls]} to {len(done)} slices "
                      f"(z {min(done)}..{max(done)}) in {time.perf_counter() - t0:.1f} s")

@@ -108,12 +108,30 @@ def workdir(tmp_path_factory):
 
     fetch_sample()  # before the servers start, so the kernels find it cached
     d = tmp_path_factory.mktemp("browser")
+    _train_small_head(d / "head.pt")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in NOTEBOOK_CELLS]
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nbformat.write(nb, d / "segment.ipynb")
     SHOTS.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def _train_small_head(path: Path) -> Path:
+    """A linear head on four cached sample slices (seconds): the app's whole-volume step needs one."""
+    from samliver.embeddings import embed_volume
+    from samliver.models import get_model
+    from samliver.sample import load_sample
+    from samliver.training import TrainConfig, slice_tensors, train_head
+
+    volume, model = load_sample(), get_model("litemedsam", device="cpu")
+    train = [58, 62, 66, 70]  # inside the app's FAST range (the middle 16 slices)
+    emb = embed_volume(volume, model, slices=train, progress=False)
+    x, y, images = slice_tensors(volume, emb, train)
+    info = {"model_name": model.name, "weights_id": model.weights_id, "window": "abdomen"}
+    train_head(x, y, images=images, config=TrainConfig(kind="linear", steps=25, val_fraction=0.0), model=model,
+               model_info=info, checkpoint=path, progress=False)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +166,29 @@ def _drag_box(page, canvas, target_text: str) -> None:
     page.mouse.up()
 
 
+def _run_all_cells(page, nb) -> None:
+    """Run > Run All Cells once the kernel is really connected.
+
+    The toolbar's idle indicator can show before the kernel's session is connected, and a Run
+    All issued then is silently dropped: wait for the status bar's "Idle", and click again if
+    the first cell has not started after a few seconds.
+    """
+    from playwright.sync_api import expect
+
+    nb.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
+    expect(page.locator(".jp-StatusBar-Widget", has_text="Idle").first).to_be_visible(timeout=120_000)
+    first_prompt = nb.locator(".jp-InputArea-prompt").first
+    for _ in range(5):
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:
+            expect(first_prompt).not_to_have_text("[ ]:", timeout=10_000)
+            return
+        except AssertionError:
+            page.keyboard.press("Escape")
+    pytest.fail("JupyterLab did not start running the notebook's cells")
+
+
 def _wait_canvas(page, scope: str) -> None:
     page.wait_for_function(f"""() => {{ const d = document.querySelector('{scope} .jupyter-matplotlib-canvas-div');
         return d && d.getBoundingClientRect().width > 50; }}""", timeout=120_000)
@@ -165,9 +206,7 @@ def test_jupyterlab_box_on_canvas_segments_and_3d_view_renders(workdir, browser)
     try:
         page.goto(f"{url}/lab/tree/segment.ipynb?reset", timeout=120_000)
         nb = page.locator(".jp-NotebookPanel:visible")
-        nb.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        _run_all_cells(page, nb)
         _wait_canvas(page, ".jp-NotebookPanel:not(.lm-mod-hidden)")
         expect(nb.locator(".widget-label", has_text="ready: drag a box")).to_be_visible(timeout=120_000)
         target = nb.locator(".widget-label", has_text="target [").first.inner_text()
@@ -197,7 +236,7 @@ def test_jupyterlab_box_on_canvas_segments_and_3d_view_renders(workdir, browser)
         _stop(proc, handle)
 
 
-def test_voila_app_loads_sample_and_segments_with_a_box(workdir, browser):
+def test_voila_app_box_segments_and_head_gives_burden_download_and_3d_view(workdir, browser):
     from playwright.sync_api import expect
 
     from samliver.app import notebook_path
@@ -230,11 +269,29 @@ def test_voila_app_loads_sample_and_segments_with_a_box(workdir, browser):
             page.mouse.move(box["x"] + t * box["width"], box["y"] + t * box["height"])
             time.sleep(0.1)
         page.mouse.up()
-        expect(page.locator(".widget-label:visible", has_text="mask:")).to_be_visible(timeout=90_000)
+        status = page.locator(".widget-label:visible", has_text="mask:")
+        expect(status).to_be_visible(timeout=90_000)  # written by the Python side
+        n_px = int(status.first.inner_text().split("mask:")[1].split("px")[0])
+        assert n_px > 500, n_px
         page.wait_for_timeout(1500)
         after = _class_pixels(canvas.screenshot())
         page.screenshot(path=str(SHOTS / "voila_after_box.png"))
-        assert after > before, (before, after)
+        assert after > before + 500, (before, after)
+        # whole volume: a trained head, the tumour burden, the download link and the 3D view
+        page.get_by_text("whole volume (head)").click()
+        head_input = page.get_by_role("textbox", name="head", exact=True)
+        head_input.fill(str(workdir / "head.pt"))
+        head_input.press("Enter")
+        page.locator("button:visible", has_text="run head on volume").click()
+        expect(page.get_by_text("tumour burden:")).to_be_visible(timeout=240_000)
+        assert "liver" in page.locator(".widget-html:visible", has_text="tumour burden:").first.inner_text()
+        expect(page.locator("a[download]:visible")).to_have_count(1, timeout=30_000)
+        plot = page.locator(".js-plotly-plot:visible").first
+        plot.wait_for(timeout=120_000)
+        plot.scroll_into_view_if_needed()
+        page.wait_for_timeout(1500)
+        assert page.locator(".js-plotly-plot:visible canvas").count() >= 1
+        page.screenshot(path=str(SHOTS / "voila_head_3d.png"), full_page=True)
     finally:
         page.close()
         _stop(proc, handle)

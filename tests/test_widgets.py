@@ -18,6 +18,9 @@ class BoxPredictor:
     def set_embedding(self, emb, original_hw, model_name=None):
         self.hw = tuple(original_hw)
 
+    def set_slice(self, embeddings, z):  # what propagate_mask calls
+        self.set_embedding(embeddings[z], embeddings.original_hw)
+
     def predict(self, points=None, point_labels=None, box=None, multimask_output=False, **_):
         self.calls.append((points, point_labels, box, multimask_output))
         mask = np.zeros(self.hw, bool)
@@ -25,10 +28,13 @@ class BoxPredictor:
             x0, y0, x1, y1 = (int(round(v)) for v in box)
             mask[y0:y1 + 1, x0:x1 + 1] = True
         k = 3 if multimask_output else 1
-        return np.stack([mask] * k), np.linspace(0.9, 0.5, k), None
+        return np.stack([mask] * k), np.linspace(0.5, 0.9, k), None  # the best mask last
 
 
 class FakeEmbeddings:
+    original_hw = (64, 64)
+    window = (-160.0, 240.0)
+
     def __contains__(self, z):
         return True
 
@@ -153,8 +159,9 @@ def test_multimask_undo_reset_accept_propagate_save(seg, small_phantom, tmp_path
     seg.on_box(10, 10, 30, 30)
     seg.multimask.value = True
     assert len(seg.masks) == 3 and len(seg.mask_choice.options) == 3
-    seg.mask_choice.value = 2
-    assert seg.choice == 2
+    assert seg.choice == 2 and seg.mask_choice.value == 2  # the highest predicted IoU is preselected
+    seg.mask_choice.value = 0
+    assert seg.choice == 0
     seg.on_box(12, 12, 20, 20)
     seg.undo()
     assert seg.box == (10, 10, 30, 30)
@@ -192,17 +199,61 @@ def test_segment_widget_with_the_tiny_sam_model_runs_end_to_end(small_phantom, t
     assert w.latency_ms is not None
 
 
+def test_missing_slices_are_encoded_into_the_given_cache(small_phantom, tiny_model, tmp_path):
+    from samliver.embeddings import embed_volume
+
+    emb = embed_volume(small_phantom, tiny_model, slices=[8], progress=False, cache_root=tmp_path)
+    w = SegmentWidget(small_phantom, tiny_model, embeddings=emb, slices=[8, 9], z=8)
+    w.on_box(8, 8, 40, 40)
+    assert w.encode_s is None and "encoder" not in w.latency.value  # slice 8 came from the cache
+    assert 9 not in emb
+    w.slider.value = 9
+    w.on_box(8, 8, 40, 40)
+    assert not w.status.value.startswith("⚠ Unexpected"), w.status.value
+    assert w.encode_s is not None and "encoder" in w.latency.value
+    assert 9 in emb and w.embeddings is emb  # same cache folder, same object
+
+
 @pytest.mark.slow
-def test_litemedsam_box_on_sample_liver(sample_volume):
+def test_litemedsam_widget_on_cached_sample_embeddings(sample_volume):
+    from scipy import ndimage
+
+    from samliver.embeddings import embed_volume
     from samliver.models import get_model
 
+    model = get_model("litemedsam", device="cpu")
     z = int(np.argmax((sample_volume.label >= 1).sum(axis=(1, 2))))
-    w = SegmentWidget(sample_volume, get_model("litemedsam", device="cpu"), slices=[z], z=z)
-    ys, xs = np.nonzero(sample_volume.label[z] >= 1)
+    slices = list(range(z - 2, z + 3))
+    emb = embed_volume(sample_volume, model, slices=slices, progress=False)
+    w = SegmentWidget(sample_volume, model, embeddings=emb, slices=slices, z=z)
+    assert w.box_trained
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+    liver = sample_volume.label[z] >= 1
+    ys, xs = np.nonzero(liver)
     mask = w.on_box(xs.min(), ys.min(), xs.max(), ys.max())
-    gt = sample_volume.label[z] >= 1
-    dice = 2 * (mask & gt).sum() / (mask.sum() + gt.sum())
-    assert dice > 0.8, dice
+    assert dice(mask, liver) > 0.8, w.status.value
+    assert w.latency_ms is not None and w.encode_s is None and "mask:" in w.status.value
+    w.multimask.value = True
+    assert len(w.masks) == 3 and len(w.mask_choice.options) == 3
+    w.multimask.value = False
+    w.reset()
+    # a lone click on a lesion: litemedsam is box-trained, so the click seeds a box
+    comps, n = ndimage.label(sample_volume.label[z] == 2)
+    big = comps == 1 + int(np.argmax(np.bincount(comps.ravel())[1:]))
+    ty, tx = (float(np.median(a)) for a in np.nonzero(big))
+    mask = w.on_click(tx, ty)
+    assert "seeded" in w.status.value and w.box is not None
+    assert dice(mask, big) > 0.5, (dice(mask, big), w.box)
+    w.undo()
+    assert w.box is None and w.mask is None
+    w.on_box(xs.min(), ys.min(), xs.max(), ys.max())
+    done = w.propagate(cls=1, max_slices=2)
+    assert done == slices, (done, w.status.value)
+    got = w.label[slices] >= 1
+    assert dice(got, sample_volume.label[slices] >= 1) > 0.8 and "propagated liver to 5 slices" in w.status.value
 
 
 def test_notebook_figures_have_titles_axes_and_legends(phantom):
