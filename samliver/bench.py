@@ -132,6 +132,29 @@ def _native_bf16() -> bool:
     return any(bool(f()) for f in checks if f is not None)
 
 
+def _onnx_encoder(enc, x):
+    """An ONNX Runtime session of the encoder (exported to a temporary file), as a callable."""
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="samliver-onnx-") as tmp:
+        path = str(Path(tmp) / "encoder.onnx")
+        # Batch 1: TinyViT's traced reshapes fix the batch size (a dynamic batch fails in ORT).
+        torch.onnx.export(enc, (x[:1],), path, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["embedding"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(batch):
+        return torch.cat([torch.from_numpy(session.run(None, {"x": batch[i : i + 1].numpy()})[0])
+                          for i in range(len(batch))])
+
+    return run
+
+
 def _encoder_variants(model, x, *, compile_too: bool, bf16_too: bool = True):
     """(name, note, callable(batch) -> embeddings) for each speed-up tried on the bare encoder."""
     import torch
@@ -168,6 +191,16 @@ def _encoder_variants(model, x, *, compile_too: bool, bf16_too: bool = True):
         ("threads1_batched", "SamModel(num_threads=1).encode (SAMLIVER_THREADS=1), batched", one_thread, None),
         ("channels_last_batched", "channels_last input, batched", channels_last, None),
     ]
+    try:
+        import onnxruntime  # noqa: F401  (optional: `pip install onnxruntime onnx`)
+
+        variants.append(("onnxruntime_b1", "ONNX Runtime CPU session of the exported encoder (fp32), one slice per run",
+                         _onnx_encoder(enc, x), None))
+    except Exception as err:  # not installed, or the export failed: reported, not fatal
+        def unavailable(batch, _err=err):
+            raise RuntimeError(f"onnxruntime variant unavailable ({type(_err).__name__}: {_err})")
+
+        variants.append(("onnxruntime_b1", "ONNX Runtime (optional)", unavailable, None))
     if bf16_too:
         variants.append(("bf16_autocast_batched", "bfloat16 autocast on CPU, batched", bf16, None))
     if compile_too:
