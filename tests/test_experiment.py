@@ -46,7 +46,8 @@ def _volume(n=8, size=32):
     return CTVolume(hu=hu, label=lab, source="synthetic")
 
 
-def test_custom_split_runs_with_tiny_model(tmp_path, monkeypatch):
+def _tiny_setup(tmp_path, monkeypatch):
+    """The synthetic volume, the random-weight ``tiny`` model and its cached embeddings."""
     monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
     from samliver.embeddings import embed_volume
     from samliver.models import get_model
@@ -55,6 +56,11 @@ def test_custom_split_runs_with_tiny_model(tmp_path, monkeypatch):
         model = get_model("tiny", device="cpu")
     vol = _volume()
     emb = embed_volume(vol, model, progress=False)
+    return vol, model, emb
+
+
+def test_custom_split_runs_with_tiny_model(tmp_path, monkeypatch):
+    vol, model, emb = _tiny_setup(tmp_path, monkeypatch)
     recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=["linear", "cnn"],
                                  baselines=["unet"], seeds=[0], train_slices=[1, 4],
                                  test_slices=[5, 6, 7], steps=2, progress=False)
@@ -91,14 +97,7 @@ def test_dataset_folder_errors(tmp_path):
 
 
 def test_zeroshot_baseline_records_with_tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
-    from samliver.embeddings import embed_volume
-    from samliver.models import get_model
-
-    with pytest.warns(UserWarning):
-        model = get_model("tiny", device="cpu")
-    vol = _volume()
-    emb = embed_volume(vol, model, progress=False)
+    vol, model, emb = _tiny_setup(tmp_path, monkeypatch)
     recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=[],
                                  baselines=["zeroshot"], seeds=[0], train_slices=[1, 4],
                                  test_slices=[5, 6], progress=False)
