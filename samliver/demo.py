@@ -95,17 +95,25 @@ def _dice(pred, gt) -> float:
     return float(2 * np.logical_and(pred, gt).sum() / s) if s else 1.0
 
 
-def _head_cache_path(volume, model, train, config) -> Path:
+def _result_cache_path(folder: str, volume, model, name: str, suffix: str, **key) -> Path:
+    """A cache file for a deterministic demo result, keyed on the volume, its label, the model
+    weights and ``key`` (the slices and settings that produced it)."""
     import hashlib
-    from dataclasses import asdict
 
     from .util import cache_dir, sha256_array
 
-    key = {"volume": sha256_array(volume.hu), "label": sha256_array(volume.label),
-           "model": model.name, "weights": model.weights_id, "train": [int(z) for z in train],
-           "config": {k: v for k, v in asdict(config).items() if k != "device"}, "v": 2}
+    key.update(volume=sha256_array(volume.hu), label=sha256_array(volume.label), model=model.name,
+               weights=model.weights_id)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir("heads") / f"{model.name}_{config.kind}_{digest}.pt"
+    return cache_dir(folder) / f"{name}_{digest}{suffix}"
+
+
+def _head_cache_path(volume, model, train, config) -> Path:
+    from dataclasses import asdict
+
+    return _result_cache_path("heads", volume, model, f"{model.name}_{config.kind}", ".pt",
+                              train=[int(z) for z in train], v=2,
+                              config={k: v for k, v in asdict(config).items() if k != "device"})
 
 
 def _json_default(v):
@@ -116,15 +124,8 @@ def _json_default(v):
 
 
 def _zero_shot_cache_path(volume, model, slices, modes) -> Path:
-    import hashlib
-
-    from .util import cache_dir, sha256_array
-
-    key = {"volume": sha256_array(volume.hu), "label": sha256_array(volume.label),
-           "model": model.name, "weights": model.weights_id, "slices": [int(z) for z in slices],
-           "modes": list(modes), "v": 1}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir("zero_shot") / f"{model.name}_{digest}.json"
+    return _result_cache_path("zero_shot", volume, model, model.name, ".json",
+                              slices=[int(z) for z in slices], modes=list(modes), v=1)
 
 
 def step_embed(ctx: DemoContext) -> None:
@@ -147,7 +148,9 @@ def step_zero_shot(ctx: DemoContext) -> None:
     test = ctx.results["split"]["test"]
     # Every second test slice (every fourth in FAST mode): the same figure within ~0.01, at
     # half the decoder time (the zero-shot baseline costs ~0.14 s per box on a 2-core CPU).
-    slices = test[::4] if ctx.fast else test[::2]
+    stride = 4 if ctx.fast else 2
+    slices = test[::stride]
+    ctx.results["zero_shot_stride"] = stride
     # The baseline is deterministic (prompts from the ground truth): cache its rows like the
     # embeddings and the head, so a warm demo only predicts (it is ~2-3 min of decoder calls).
     cached = _zero_shot_cache_path(ctx.volume, ctx.results["model"], slices, DEMO_ZERO_SHOT_MODES)
@@ -279,7 +282,8 @@ def step_report(ctx: DemoContext) -> None:
              "", "| method | labels used | liver Dice | tumour Dice |", "|---|---|---|---|"]
     for row in r.get("zero_shot", []):
         lines.append(f"| zero-shot SAM ({row.get('mode')}) | prompts from the ground truth on "
-                     f"{row.get('n_slices', '?')} of the test slices (every second) | "
+                     f"{row.get('n_slices', '?')} of the test slices (every "
+                     f"{ {2: 'second', 4: 'fourth'}.get(r.get('zero_shot_stride'), 'n-th')}) | "
                      f"{f(row.get('liver_dice'))} | {f(row.get('tumour_dice'))} |")
     lines.append(f"| prompt-free {DEMO_HEAD} head | {split['k']} labelled slices | "
                  f"{f(scores['liver_dice'])} | {f(scores['tumour_dice'])} |")
