@@ -35,10 +35,12 @@ def liver_slices(label: np.ndarray) -> list[int]:
 
 
 def _spread(pool: Sequence[int], k: int) -> list[int]:
-    """``k`` items of ``pool`` at evenly spread positions (ends included)."""
+    """``k`` items of ``pool`` at evenly spread positions (ends included; one item: the middle)."""
     pool = list(pool)
     if k >= len(pool):
         return pool
+    if k == 1:
+        return [pool[len(pool) // 2]]
     idx = np.round(np.linspace(0, len(pool) - 1, k)).astype(int)
     return sorted({pool[i] for i in idx})
 
@@ -48,7 +50,9 @@ def protocol_split(label: np.ndarray, protocol: str = "sparse", k: int = 8) -> t
 
     sparse: train z = round(linspace(4, 123, k)) on 128 slices (scaled to the depth), test =
     every other slice. slab: pool z in [0, 64) with liver, k spread evenly over it; test z in
-    [72, 128) (scaled to the depth). Both lists sorted and disjoint.
+    [72, 128) (scaled to the depth). Both lists sorted and disjoint. K = 1 takes the middle
+    (z = 64, the pool's middle slice): linspace's one point is its first end, a slice at the
+    edge of the liver, which is not the slice anyone would annotate alone.
     """
     lab = np.asarray(label)
     if lab.ndim != 3:
@@ -58,7 +62,7 @@ def protocol_split(label: np.ndarray, protocol: str = "sparse", k: int = 8) -> t
     depth = lab.shape[0]
     s = depth / _REF_DEPTH
     if protocol == "sparse":
-        z = np.round(np.linspace(4 * s, 123 * s, k)).astype(int)
+        z = np.round(np.linspace(4 * s, 123 * s, k) if k > 1 else [63.5 * s]).astype(int)
         train = sorted({int(v) for v in np.clip(z, 0, depth - 1)})
         test = [z for z in range(depth) if z not in set(train)]
     elif protocol == "slab":

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .training import TrainConfig, parse_slices, slice_tensors, train_head
+from .training import TrainConfig, parse_slices, slice_tensors, train_head, training_tensors
 from .util import SamliverError, atomic_path, atomic_write_text, fast_mode
 
 HEADS = ("linear", "cnn", "vit", "autosam")
@@ -46,12 +46,17 @@ def default_steps(kind: str) -> int:
 def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[int],
              test: list[int], *, seed: int = 0, steps: int | None = None,
              postprocess_pred: bool = True, progress: bool = False,
-             config: TrainConfig | None = None) -> dict:
-    """Train one head on ``train`` slices, predict ``test`` slices, return scores (+ the head)."""
+             config: TrainConfig | None = None, views: int = 0) -> dict:
+    """Train one head on ``train`` slices, predict ``test`` slices, return scores (+ the head).
+
+    ``views`` (default 0) adds that many cached augmented views of each labelled slice
+    (``training.view_tensors``; encoded once, the time is counted in ``seconds``).
+    """
     from .inference import postprocess, predict_probabilities
 
     t0 = time.time()
-    emb, labels, images = slice_tensors(volume, embeddings, train)
+    emb, labels, images = training_tensors(volume, embeddings, train, model=model, views=views,
+                                           seed=seed)
     cfg = config or TrainConfig(kind=kind, steps=steps or default_steps(kind), seed=seed,
                                 val_fraction=0.0, eval_every=100)
     res = train_head(emb, labels, images=images, config=cfg, model=model, progress=progress,
@@ -86,11 +91,12 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
                heads: list[str], baselines: list[str], seeds: list[int],
                train_slices: list[int] | None = None, test_slices: list[int] | None = None,
                steps: int | None = None, progress: bool = True,
-               log: Any = None) -> list[dict]:
+               log: Any = None, views: int = 0) -> list[dict]:
     """All runs for one volume and one protocol (or one user split); a list of records.
 
     ``log`` (a writable text stream) gets one JSON line per finished run, so a long experiment
-    that is interrupted keeps what it measured.
+    that is interrupted keeps what it measured. ``views`` (default 0) cached augmented views
+    per labelled slice for the heads (the UNet baselines augment in image space anyway).
     """
     from .baselines import run_unet_baseline, run_zero_shot
 
@@ -115,14 +121,16 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
     for k, train, test, method, seed in tqdm(jobs, desc=f"experiment {protocol}",
                                              disable=not progress):
         if method in HEADS:
-            out = run_head(volume, embeddings, model, method, train, test, seed=seed, steps=steps)
+            out = run_head(volume, embeddings, model, method, train, test, seed=seed, steps=steps,
+                           views=views)
         else:
             t0 = time.time()
             unet_steps = steps or (50 if fast_mode() else 300)
             out = run_unet_baseline(volume, train, test, ssl=(method == "ssl"), seed=seed,
                                     steps=unet_steps, ssl_steps=max(20, unet_steps // 2))
             out["seconds"] = round(time.time() - t0, 1)
-        records.append({"method": method, "protocol": protocol, "k": k, "seed": seed,
+        label = f"{method}+{views}views" if views and method in HEADS else method
+        records.append({"method": label, "protocol": protocol, "k": k, "seed": seed,
                         "liver_dice": round(out["liver_dice"], 4),
                         "tumour_dice": round(out["tumour_dice"], 4),
                         "n_test": len(test), "seconds": out["seconds"]})
@@ -321,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-slices", help="user split: labelled slices, e.g. 3,20,41")
     p.add_argument("--test-slices", help="user split: test slices, e.g. 50-90 (default: the rest)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per method)")
+    p.add_argument("--views", type=int, default=0,
+                   help="cached augmented views per labelled slice for the heads (default 0)")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
     p.add_argument("--device", default=None)
@@ -345,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
     progress = not args.json
     if args.dataset:
+        if args.views:
+            raise SamliverError("--views works with slice splits (sample, VOLUME or --train-slices), "
+                                "not yet with --dataset.")
         records = run_dataset(args.dataset, model, ks=ks, heads=heads, seeds=seeds,
                               steps=args.steps, progress=progress)
     else:
@@ -379,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 records += run_slices(volume, model, embeddings, protocol=protocol, ks=ks,
                                       heads=heads, baselines=baselines, seeds=seeds,
                                       train_slices=train, test_slices=test, steps=args.steps,
-                                      progress=progress, log=log)
+                                      progress=progress, log=log, views=args.views)
     paths = write_outputs(records, args.output_dir)
     if args.json:
         print(json.dumps(records))

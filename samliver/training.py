@@ -3,8 +3,9 @@
 Loss: cross-entropy (tumour class up-weighted) + soft Dice over liver and tumour, each
 computed over the whole batch as one region (the metric is global Dice). AdamW with a linear
 warm-up then cosine decay. Augmentation that works with a cache: flips / 90-degree rotations
-applied to embedding, label and image together (``augment="flip"`` or ``"flip+rot"``); cached
-embeddings of augmented images ("views") can simply be passed as extra samples. A validation
+applied to embedding, label and image together (``augment="flip"`` or ``"flip+rot"``), and/or
+cached embeddings of augmented images (``augmented_views``: rotation, scale, shift, HU gain;
+encoded once through the embedding cache) passed as extra samples (``training_tensors``). A validation
 split (held-out labelled slices; the training slices themselves when fewer than 5 are
 labelled) drives early stopping; the best state is kept and written to a checkpoint that
 stores the head kind/options, the config, and the model name, weights id and embedding shape,
@@ -88,6 +89,71 @@ def slice_tensors(volume: Any, embeddings: Any, slices: list[int], *, window: st
     if volume.label is not None:
         labels = np.stack([tf.label_to_input(volume.label[z]) for z in slices]).astype(np.int64)
     return emb, labels, images.astype(np.float32)
+
+
+def augmented_views(volume: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
+                    max_rotate: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
+                    max_shift: float = 0.05, hu_scale: tuple[float, float] = (0.9, 1.1),
+                    hu_shift: float = 20.0) -> Any:
+    """``n_views`` randomly transformed copies of each labelled slice, as a small CTVolume.
+
+    Augmentations a frozen encoder has to see rather than have applied to its embedding:
+    rotation (default up to +-15 degrees), scaling (0.85-1.15), shift (5 % of the size) and an
+    HU gain/offset (0.9-1.1, +-20 HU). Image linear, label nearest; outside fills with the
+    slice's minimum HU (air). Deterministic for a seed, so its embeddings hit the cache the
+    next time. Order: view 0 of every slice, then view 1, ...
+    """
+    from scipy import ndimage
+
+    from .io import CTVolume
+
+    if volume.label is None:
+        raise SamliverError("Augmented views need a labelled volume.")
+    rng = np.random.default_rng(seed)
+    hu_out, lab_out = [], []
+    for _ in range(int(n_views)):
+        for z in slices:
+            hu, lab = volume.hu[z].astype(np.float32), volume.label[z]
+            angle = np.deg2rad(rng.uniform(-max_rotate, max_rotate))
+            s = rng.uniform(*scale)
+            shift = rng.uniform(-max_shift, max_shift, 2) * np.array(hu.shape)
+            # output -> input mapping about the centre: x_in = R(-a)/s (x_out - c - t) + c
+            c = (np.array(hu.shape) - 1) / 2
+            rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / s
+            offset = c - rot @ (c + shift)
+            hu_out.append(ndimage.affine_transform(hu, rot, offset, order=1, mode="constant",
+                                                   cval=float(hu.min()))
+                          * rng.uniform(*hu_scale) + rng.uniform(-hu_shift, hu_shift))
+            lab_out.append(ndimage.affine_transform(lab, rot, offset, order=0, mode="constant",
+                                                    cval=0))
+    return CTVolume(hu=np.stack(hu_out).astype(np.float32), label=np.stack(lab_out).astype(np.uint8),
+                    source=f"{getattr(volume, 'source', 'volume')} (augmented views, seed {seed})")
+
+
+def view_tensors(volume: Any, model: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
+                 window: str = "abdomen", progress: bool = False) -> tuple:
+    """Embeddings, labels and images of ``augmented_views`` (encoded once, then from the cache).
+
+    Returns the same ``(emb, labels, images)`` triple as ``slice_tensors``; append it to the
+    labelled slices' tensors to train on real and augmented views together.
+    """
+    from .embeddings import embed_volume
+
+    views = augmented_views(volume, slices, n_views=n_views, seed=seed)
+    embs = embed_volume(views, model, window=window, progress=progress)
+    return slice_tensors(views, embs, list(range(views.hu.shape[0])), window=window)
+
+
+def training_tensors(volume: Any, embeddings: Any, slices: list[int], *, model: Any = None,
+                     views: int = 0, seed: int = 0, progress: bool = False) -> tuple:
+    """``slice_tensors`` of the labelled ``slices`` followed by ``views`` cached augmented views
+    of each (default 0; needs ``model`` to encode them)."""
+    tensors = slice_tensors(volume, embeddings, slices)
+    if not views:
+        return tensors
+    extra = view_tensors(volume, model, slices, n_views=views, seed=seed,
+                         window=getattr(embeddings, "window", "abdomen"), progress=progress)
+    return tuple(np.concatenate([a, b]) for a, b in zip(tensors, extra))
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, im: torch.Tensor | None, mode: str,
@@ -495,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--augment", default="flip", choices=["none", "flip", "flip+rot"])
+    p.add_argument("--views", type=int, default=0,
+                   help="cached augmented views per labelled slice (rotate/scale/shift/HU; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("-o", "--output", default="outputs/head.pt")
@@ -526,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SamliverError(f"Slices {bad} are outside the volume (0..{volume.hu.shape[0] - 1}).")
     model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
     embs = embed_volume(volume, model, slices=train)
-    emb, labels, images = slice_tensors(volume, embs, train)
+    emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
+                                           seed=args.seed, progress=True)
     steps = args.steps or (60 if fast_mode() else 300)
     config = TrainConfig(kind=args.head, steps=steps, lr=args.lr, augment=args.augment,
                          seed=args.seed, device=args.device)

@@ -40,6 +40,9 @@ def test_protocols_on_the_sample(sample_volume):
     assert test == list(range(72, 128))
     assert protocol_split(lab, "slab", k=32)[0] != train
     assert len(protocol_split(lab, "slab", k=32)[0]) == 32
+    # one labelled slice: the middle one, not the edge of the liver
+    assert protocol_split(lab, "sparse", k=1)[0] == [64]
+    assert protocol_split(lab, "slab", k=1)[0] == [32]
 
 
 def test_protocols_scale_to_depth(phantom):

@@ -78,6 +78,16 @@ def test_custom_split_runs_with_tiny_model(tmp_path, monkeypatch):
                               progress=False)
 
 
+def test_run_head_with_augmented_views(tmp_path, monkeypatch):
+    vol, model, emb = _tiny_setup(tmp_path, monkeypatch)
+    out = experiment.run_head(vol, emb, model, "linear", [1, 4], [5, 6], steps=2, views=2)
+    assert out["history"]["n_train"] == 6 and 0 <= out["liver_dice"] <= 1
+    recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=["linear"],
+                                 baselines=["unet"], seeds=[0], train_slices=[1, 4],
+                                 test_slices=[5, 6], steps=2, progress=False, views=1)
+    assert [r["method"] for r in recs] == ["linear+1views", "unet"]
+
+
 def test_k_larger_than_available():
     vol = _volume()
     with pytest.raises(SamliverError, match="K=9"):
