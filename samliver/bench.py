@@ -75,11 +75,16 @@ def _pick_slices(volume, n: int) -> list[int]:
     return [pool[i] for i in idx]
 
 
-def _tight_box(mask: np.ndarray) -> np.ndarray | None:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return np.array([xs.min(), ys.min(), max(xs.max(), xs.min() + 1), max(ys.max(), ys.min() + 1)], float)
+def _slice_box(volume, z: int) -> np.ndarray:
+    """The tight ground-truth liver box of slice ``z`` (``prompts.box_from_mask``), or the
+    central half of the slice when it has no label or no liver."""
+    from .prompts import box_from_mask
+
+    box = box_from_mask(volume.label[z] > 0) if volume.label is not None else None
+    if box is None:
+        h, w = volume.hu.shape[1:]
+        box = np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4])
+    return box
 
 
 def _batch(volume, model, zs, window):
@@ -90,38 +95,25 @@ def _batch(volume, model, zs, window):
     return torch.stack([model.prepare(window_to_unit(volume.hu[z], window)) for z in zs])
 
 
-def _box_dice(model, embs: np.ndarray, volume, zs) -> float:
-    """Mean liver Dice of one tight ground-truth box per slice, decoded from ``embs`` (N, 256, 64, 64)."""
-    from .evaluation import dice
-    from .prompt_based_segmentation import Predictor
-
-    predictor = Predictor(model)
-    scores = []
-    for emb, z in zip(embs, zs):
-        gt = volume.label[z] > 0
-        box = _tight_box(gt)
-        if box is None:
-            continue
-        predictor.set_embedding(emb, volume.hu.shape[1:])
-        masks, _, _ = predictor.predict(box=box)
-        scores.append(dice(masks[0], gt))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
 def _masks(model, embs, volume, zs) -> list[np.ndarray]:
-    """Masks from one box per slice (ground-truth liver box, or the central half without a label)."""
+    """Masks decoded from ``embs`` (N, 256, 64, 64) with one ``_slice_box`` per slice."""
     from .prompt_based_segmentation import Predictor
 
     predictor = Predictor(model)
     out = []
-    h, w = volume.hu.shape[1:]
     for emb, z in zip(embs, zs):
-        box = _tight_box(volume.label[z] > 0) if volume.label is not None else None
-        if box is None:
-            box = np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4])
-        predictor.set_embedding(emb, (h, w))
-        out.append(predictor.predict(box=box)[0][0])
+        predictor.set_embedding(emb, volume.hu.shape[1:])
+        out.append(predictor.predict(box=_slice_box(volume, z))[0][0])
     return out
+
+
+def _box_dice(model, embs: np.ndarray, volume, zs) -> float:
+    """Mean liver Dice of the tight ground-truth box masks over the slices with liver."""
+    from .evaluation import dice
+
+    scores = [dice(m, volume.label[z] > 0) for m, z in zip(_masks(model, embs, volume, zs), zs)
+              if (volume.label[z] > 0).any()]
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def _native_bf16() -> bool:
@@ -295,11 +287,7 @@ def run_bench(
         lat, lat_cpu = [], []
         for i in range(n_prompts):
             z = zs[i % len(zs)]
-            gt = volume.label[z] > 0 if volume.label is not None else None
-            box = _tight_box(gt) if gt is not None else None
-            if box is None:
-                box = np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4])
-            box = np.clip(box + rng.uniform(-3, 3, 4), 0, [w - 1, h - 1, w - 1, h - 1])
+            box = np.clip(_slice_box(volume, z) + rng.uniform(-3, 3, 4), 0, [w, h, w, h])
             box[2:] = np.maximum(box[2:], box[:2] + 1)
             t0, c0 = time.perf_counter(), time.process_time()
             predictor.set_embedding(emb[z], (h, w), model_name=model.name)
