@@ -305,6 +305,28 @@ def write_outputs(records: list[dict], out_dir: str | Path, stem: str = "experim
     return paths
 
 
+def read_records(paths: list[str | Path]) -> list[dict]:
+    """Run records from JSON-lines files (``experiment.partial.jsonl``) or JSON lists (``--json``)."""
+    records: list[dict] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise SamliverError(f"{path} not found: give experiment.partial.jsonl or --json output.")
+        text = path.read_text().strip()
+        try:
+            items = json.loads(text) if text.startswith("[") else [
+                json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as err:
+            raise SamliverError(f"{path} is not JSON lines / a JSON list of records ({err}).") from err
+        for r in items:
+            if not isinstance(r, dict) or not {"method", "protocol", "k", "seed", "liver_dice",
+                                                "tumour_dice"} <= set(r):
+                raise SamliverError(f"{path}: {str(r)[:80]} is not an experiment record.")
+        records += items
+    if not records:
+        raise SamliverError(f"No records in {', '.join(map(str, paths))}.")
+    return records
+
+
 def _csv_list(text: str, allowed: tuple[str, ...] | None = None, what: str = "") -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()] if text else []
     if allowed:
@@ -336,7 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    p.add_argument("--report", nargs="+", metavar="JSONL",
+                   help="run nothing: rebuild the CSV / Markdown / PNG from finished runs "
+                        "(experiment.partial.jsonl files, or --json output), e.g. of an "
+                        "interrupted grid or of protocols run in parallel")
     args = p.parse_args(argv)
+    if args.report:
+        records = read_records(args.report)
+        paths = write_outputs(records, args.output_dir)
+        print(json.dumps(records) if args.json else markdown_table(records)
+              + "wrote " + ", ".join(str(v) for v in paths.values()))
+        return 0
 
     import torch
 

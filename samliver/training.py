@@ -32,6 +32,7 @@ from .heads import build_head
 from .util import SamliverError, atomic_path, fast_mode, get_device
 
 CHECKPOINT_FORMAT = "samliver-head-1"
+IGNORE = 255  # label value that the loss skips (unconfident pseudo-labels)
 DEFAULT_LR = {"linear": 3e-3, "cnn": 1e-3, "vit": 5e-4, "autosam": 2e-4}
 
 
@@ -179,17 +180,24 @@ def _augment(x: torch.Tensor, y: torch.Tensor, im: torch.Tensor | None, mode: st
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, tumour_weight: float = 3.0,
              dice_weight: float = 1.0) -> torch.Tensor:
-    """Weighted cross-entropy + soft Dice (liver = classes >= 1, tumour = class 2), batch-global."""
+    """Weighted cross-entropy + soft Dice (liver = classes >= 1, tumour = class 2), batch-global.
+
+    Pixels labelled ``IGNORE`` (255; e.g. unconfident pseudo-labels) count in neither term.
+    """
     n = logits.shape[1]
     w = torch.ones(n, device=logits.device)
     if n > 2:
         w[2] = tumour_weight
-    ce = F.cross_entropy(logits, target, weight=w)
-    prob = logits.float().softmax(1)
+    ce = F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE)
+    if not torch.isfinite(ce):  # every pixel ignored
+        ce = logits.sum() * 0.0
+    valid = (target != IGNORE).float()
+    target = torch.where(target == IGNORE, torch.zeros_like(target), target)
+    prob = logits.float().softmax(1) * valid[:, None]
     dice_terms = []
-    regions = [(prob[:, 1:].sum(1), (target >= 1).float())]
+    regions = [(prob[:, 1:].sum(1), (target >= 1).float() * valid)]
     if n > 2:
-        regions.append((prob[:, 2], (target == 2).float()))
+        regions.append((prob[:, 2], (target == 2).float() * valid))
     for p, g in regions:
         inter = (p * g).sum()
         dice_terms.append(1 - (2 * inter + 1) / (p.sum() + g.sum() + 1))

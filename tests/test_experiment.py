@@ -88,6 +88,24 @@ def test_run_head_with_augmented_views(tmp_path, monkeypatch):
     assert [r["method"] for r in recs] == ["linear+1views", "unet"]
 
 
+def test_report_rebuilds_outputs_from_partial_logs(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    rec = {"method": "cnn", "protocol": "sparse", "k": 2, "seed": 0, "liver_dice": 0.8,
+           "tumour_dice": 0.5, "n_test": 10, "seconds": 1.0}
+    a.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "seed": 1, "liver_dice": 0.9}) + "\n")
+    b.write_text(json.dumps([{**rec, "protocol": "slab"}]))
+    assert experiment.main(["--report", str(a), str(b), "--output-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "| sparse | 2 | cnn | 0.850 ± 0.050 |" in out and "| slab | 2 | cnn | 0.800 |" in out
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"experiment.csv", "experiment.md",
+                                                            "experiment.png"}
+    (tmp_path / "bad.jsonl").write_text('{"method": "cnn"}\n')
+    with pytest.raises(SamliverError, match="not an experiment record"):
+        experiment.main(["--report", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(SamliverError, match="not found"):
+        experiment.main(["--report", str(tmp_path / "missing.jsonl")])
+
+
 def test_k_larger_than_available():
     vol = _volume()
     with pytest.raises(SamliverError, match="K=9"):

@@ -236,3 +236,13 @@ def test_view_tensors_are_cached(small_phantom, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "encode", _no_encoding)
     emb2, lab2, _ = training.view_tensors(small_phantom, model, [3, 8], n_views=2, seed=0)
     assert np.allclose(emb, emb2) and np.array_equal(lab, lab2)
+
+
+def test_seg_loss_skips_ignored_pixels():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    masked = target.clone()
+    masked[..., :4] = training.IGNORE
+    # ignoring the left half is the same as cropping it away
+    assert torch.allclose(seg_loss(logits, masked), seg_loss(logits[..., 4:], target[..., 4:]))
+    assert seg_loss(logits, torch.full_like(target, training.IGNORE)).item() == 0.0
