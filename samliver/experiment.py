@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .training import TrainConfig, parse_slices, slice_tensors, train_head, training_tensors
+from .training import self_train as self_train_head
 from .util import SamliverError, atomic_path, atomic_write_text, fast_mode
 
 HEADS = ("linear", "cnn", "vit", "autosam")
@@ -46,32 +47,49 @@ def default_steps(kind: str) -> int:
 def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[int],
              test: list[int], *, seed: int = 0, steps: int | None = None,
              postprocess_pred: bool = True, progress: bool = False,
-             config: TrainConfig | None = None, views: int = 0) -> dict:
+             config: TrainConfig | None = None, views: int = 0, self_train: int = 0) -> dict:
     """Train one head on ``train`` slices, predict ``test`` slices, return scores (+ the head).
 
     ``views`` (default 0) adds that many cached augmented views of each labelled slice
     (``training.view_tensors``; encoded once, the time is counted in ``seconds``).
+    ``self_train`` (default 0) adds that many pseudo-label rounds (``training.self_train``) on
+    the embedded slices that are not labelled; the scores are the final head's, and
+    ``out["round0"]`` holds the scores of the head before self-training.
     """
-    from .inference import postprocess, predict_probabilities
-
     t0 = time.time()
     emb, labels, images = training_tensors(volume, embeddings, train, model=model, views=views,
                                            seed=seed)
     cfg = config or TrainConfig(kind=kind, steps=steps or default_steps(kind), seed=seed,
                                 val_fraction=0.0, eval_every=100)
-    res = train_head(emb, labels, images=images, config=cfg, model=model, progress=progress,
-                     model_info={"model_name": getattr(model, "name", None),
-                                 "weights_id": getattr(model, "weights_id", None),
-                                 "window": getattr(embeddings, "window", "abdomen")})
-    _, probs = predict_probabilities(volume, model, res.head, embeddings=embeddings, slices=test,
+    kwargs = dict(config=cfg, model=model, progress=progress,
+                  model_info={"model_name": getattr(model, "name", None),
+                              "weights_id": getattr(model, "weights_id", None),
+                              "window": getattr(embeddings, "window", "abdomen")})
+    res = train_head(emb, labels, images=images, **kwargs)
+    out: dict = {}
+    if self_train:
+        out["round0"] = _predict_scores(volume, model, res.head, embeddings, test, postprocess_pred)
+        out["round0"]["seconds"] = round(time.time() - t0, 1)
+        unl = [z for z in getattr(embeddings, "slices", test) if z not in set(train)]
+        u_emb, _, u_img = slice_tensors(volume, embeddings, unl, need_label=False)
+        res = self_train_head(emb, labels, (u_emb, u_img), images=images, rounds=self_train,
+                              first=res, **kwargs)
+    out.update(_predict_scores(volume, model, res.head, embeddings, test, postprocess_pred))
+    out.update(seconds=round(time.time() - t0, 1), head=res.head, history=res.history)
+    return out
+
+
+def _predict_scores(volume: Any, model: Any, head: Any, embeddings: Any, test: list[int],
+                    postprocess_pred: bool = True) -> dict:
+    """Predict ``test`` slices with ``head``; their scores and the prediction (``pred``)."""
+    from .inference import postprocess, predict_probabilities
+
+    _, probs = predict_probabilities(volume, model, head, embeddings=embeddings, slices=test,
                                      progress=False)
     pred = probs.argmax(1).astype(np.uint8)
     if postprocess_pred:
         pred = postprocess(pred)
-    out = _scores(pred, volume.label[test])
-    out.update(seconds=round(time.time() - t0, 1), head=res.head, pred=pred,
-               history=res.history)
-    return out
+    return {**_scores(pred, volume.label[test]), "pred": pred}
 
 
 def _check_split(volume: Any, train: list[int], test: list[int], k: int | None) -> None:
@@ -91,12 +109,14 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
                heads: list[str], baselines: list[str], seeds: list[int],
                train_slices: list[int] | None = None, test_slices: list[int] | None = None,
                steps: int | None = None, progress: bool = True,
-               log: Any = None, views: int = 0) -> list[dict]:
+               log: Any = None, views: int = 0, self_train: int = 0) -> list[dict]:
     """All runs for one volume and one protocol (or one user split); a list of records.
 
     ``log`` (a writable text stream) gets one JSON line per finished run, so a long experiment
     that is interrupted keeps what it measured. ``views`` (default 0) cached augmented views
     per labelled slice for the heads (the UNet baselines augment in image space anyway).
+    ``self_train`` (default 0) pseudo-label rounds for the heads: each head run then gives two
+    records, the head (``cnn``) and the same head after self-training (``cnn+st``).
     """
     from .baselines import run_unet_baseline, run_zero_shot
 
@@ -120,23 +140,29 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
         b for b in baselines if b != "zeroshot"] for s in seeds]
     for k, train, test, method, seed in tqdm(jobs, desc=f"experiment {protocol}",
                                              disable=not progress):
+        runs = []
+        suffix = f"+{views}views" if views and method in HEADS else ""
         if method in HEADS:
             out = run_head(volume, embeddings, model, method, train, test, seed=seed, steps=steps,
-                           views=views)
+                           views=views, self_train=self_train)
+            if self_train:
+                runs.append((method + suffix, out["round0"]))
+                suffix += "+st"
         else:
             t0 = time.time()
             unet_steps = steps or (50 if fast_mode() else 300)
             out = run_unet_baseline(volume, train, test, ssl=(method == "ssl"), seed=seed,
                                     steps=unet_steps, ssl_steps=max(20, unet_steps // 2))
             out["seconds"] = round(time.time() - t0, 1)
-        label = f"{method}+{views}views" if views and method in HEADS else method
-        records.append({"method": label, "protocol": protocol, "k": k, "seed": seed,
-                        "liver_dice": round(out["liver_dice"], 4),
-                        "tumour_dice": round(out["tumour_dice"], 4),
-                        "n_test": len(test), "seconds": out["seconds"]})
-        if log is not None:
-            log.write(json.dumps(records[-1]) + "\n")
-            log.flush()
+        runs.append((method + suffix, out))
+        for label, res in runs:
+            records.append({"method": label, "protocol": protocol, "k": k, "seed": seed,
+                            "liver_dice": round(res["liver_dice"], 4),
+                            "tumour_dice": round(res["tumour_dice"], 4),
+                            "n_test": len(test), "seconds": res["seconds"]})
+            if log is not None:
+                log.write(json.dumps(records[-1]) + "\n")
+                log.flush()
     if "zeroshot" in baselines:
         test = splits[0][2]
         rows = run_zero_shot(volume, model, test)
@@ -353,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (default per method)")
     p.add_argument("--views", type=int, default=0,
                    help="cached augmented views per labelled slice for the heads (default 0)")
+    p.add_argument("--self-train", type=int, default=0, metavar="ROUNDS",
+                   help="pseudo-label self-training rounds for the heads on the volume's "
+                        "unlabelled slices (default 0); adds a '<head>+st' record per run")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
     p.add_argument("--device", default=None)
@@ -387,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
     progress = not args.json
     if args.dataset:
-        if args.views:
-            raise SamliverError("--views works with slice splits (sample, VOLUME or --train-slices), "
-                                "not yet with --dataset.")
+        if args.views or args.self_train:
+            raise SamliverError("--views and --self-train work with slice splits (sample, VOLUME or "
+                                "--train-slices), not yet with --dataset.")
         records = run_dataset(args.dataset, model, ks=ks, heads=heads, seeds=seeds,
                               steps=args.steps, progress=progress)
     else:
@@ -424,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                 records += run_slices(volume, model, embeddings, protocol=protocol, ks=ks,
                                       heads=heads, baselines=baselines, seeds=seeds,
                                       train_slices=train, test_slices=test, steps=args.steps,
-                                      progress=progress, log=log, views=args.views)
+                                      progress=progress, log=log, views=args.views,
+                                      self_train=args.self_train)
     paths = write_outputs(records, args.output_dir)
     if args.json:
         print(json.dumps(records))

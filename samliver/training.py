@@ -505,6 +505,53 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
     return TrainResult(head=head, history=history, checkpoint=Path(checkpoint) if checkpoint else None)
 
 
+def pseudo_labels(probs: np.ndarray, threshold: float = 0.9) -> np.ndarray:
+    """Pseudo-labels ``(N,S,S)`` int64 from class probabilities ``(N,C,S,S)`` of a stack of slices.
+
+    The argmax, cleaned like a prediction (largest 3D liver component, tumours inside it; the
+    stack is treated as a volume in its given order), with pixels whose top probability is below
+    ``threshold`` (default 0.9) set to ``IGNORE`` so the loss skips them.
+    """
+    from .inference import postprocess
+
+    probs = np.asarray(probs, np.float32)
+    labels = postprocess(probs.argmax(1).astype(np.uint8)).astype(np.int64)
+    labels[probs.max(1) < threshold] = IGNORE
+    return labels
+
+
+def self_train(emb: np.ndarray, labels: np.ndarray, unlabelled: tuple[np.ndarray, np.ndarray | None],
+               *, images: np.ndarray | None = None, config: TrainConfig | None = None,
+               rounds: int = 1, threshold: float = 0.9, first: TrainResult | None = None,
+               **train_kwargs: Any) -> TrainResult:
+    """Few-label training plus ``rounds`` (default 1) of pseudo-label self-training.
+
+    ``unlabelled`` = ``(emb, images)`` of the volume's slices nobody annotated (in "annotate a
+    few slices, segment the rest" these are the very slices to segment: it is transductive).
+    Each round predicts them with the current head, keeps confident pixels (``pseudo_labels``,
+    default threshold 0.9) and trains a fresh head on the labelled slices (repeated so that they
+    are about half of the samples) plus the pseudo-labelled ones, validating on the labelled
+    slices. ``first`` reuses an already trained head for round 0. Other keyword arguments go
+    to ``train_head``. Measured on the sample (README): slab K = 8 +0.02 liver and tumour Dice.
+    """
+    config = config or TrainConfig()
+    res = first or train_head(emb, labels, images=images, config=config, **train_kwargs)
+    u_emb, u_img = unlabelled
+    if len(u_emb) == 0:
+        return res
+    rep = max(1, len(u_emb) // max(1, len(emb)))
+    for _ in range(int(rounds)):
+        probs = predict_logits(res.head, u_emb, u_img, device=config.device)
+        pseudo = pseudo_labels(probs, threshold)
+        x = np.concatenate([np.repeat(emb, rep, 0), u_emb])
+        y = np.concatenate([np.repeat(labels, rep, 0), pseudo])
+        im = None if images is None else np.concatenate([np.repeat(images, rep, 0), u_img])
+        res = train_head(x, y, images=im, config=config, val_data=(emb, labels, images),
+                         **train_kwargs)
+        res.history["pseudo_ignored"] = float((pseudo == IGNORE).mean())
+    return res
+
+
 def plot_curves(history: dict, path: str | Path) -> Path:
     """Loss (smoothed) and validation Dice against step, as a PNG."""
     import matplotlib
@@ -571,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", default="flip", choices=["none", "flip", "flip+rot"])
     p.add_argument("--views", type=int, default=0,
                    help="cached augmented views per labelled slice (rotate/scale/shift/HU; default 0)")
+    p.add_argument("--self-train", type=int, default=0, metavar="ROUNDS",
+                   help="pseudo-label self-training rounds on the volume's other slices (default "
+                        "0; encodes every slice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("-o", "--output", default="outputs/head.pt")
@@ -609,8 +659,16 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, device=args.device)
     info = {"model_name": model.name, "weights_id": model.weights_id, "window": embs.window}
     out = Path(args.output)
-    res = train_head(emb, labels, images=images, config=config, model=model, model_info=info,
-                     checkpoint=out, curves_path=out.with_suffix(".curves.png"))
+    kwargs = dict(config=config, model=model, model_info=info, checkpoint=out,
+                  curves_path=out.with_suffix(".curves.png"))
+    if args.self_train:
+        rest = [z for z in range(volume.hu.shape[0]) if z not in set(train)]
+        u_emb, _, u_img = slice_tensors(volume, embed_volume(volume, model, slices=rest), rest,
+                                        need_label=False)
+        res = self_train(emb, labels, (u_emb, u_img), images=images, rounds=args.self_train,
+                         **kwargs)
+    else:
+        res = train_head(emb, labels, images=images, **kwargs)
     print(json.dumps({"checkpoint": str(out), "train_slices": train,
                       "best_step": res.history["best_step"], "stopped": res.history["stopped"],
                       "val_on": res.history["val_on"], "val_score": res.history["best_score"],

@@ -88,6 +88,15 @@ def test_run_head_with_augmented_views(tmp_path, monkeypatch):
     assert [r["method"] for r in recs] == ["linear+1views", "unet"]
 
 
+def test_self_training_gives_a_second_record(tmp_path, monkeypatch):
+    vol, model, emb = _tiny_setup(tmp_path, monkeypatch)
+    recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=["linear"],
+                                 baselines=[], seeds=[0], train_slices=[1, 4],
+                                 test_slices=[5, 6], steps=2, progress=False, self_train=1)
+    assert [r["method"] for r in recs] == ["linear", "linear+st"]
+    assert all(0 <= r["liver_dice"] <= 1 and r["seconds"] is not None for r in recs)
+
+
 def test_report_rebuilds_outputs_from_partial_logs(tmp_path, capsys):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
     rec = {"method": "cnn", "protocol": "sparse", "k": 2, "seed": 0, "liver_dice": 0.8,

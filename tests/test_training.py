@@ -246,3 +246,28 @@ def test_seg_loss_skips_ignored_pixels():
     # ignoring the left half is the same as cropping it away
     assert torch.allclose(seg_loss(logits, masked), seg_loss(logits[..., 4:], target[..., 4:]))
     assert seg_loss(logits, torch.full_like(target, training.IGNORE)).item() == 0.0
+
+
+def test_pseudo_labels_ignore_unconfident_pixels():
+    probs = np.zeros((2, 3, 4, 4), np.float32)
+    probs[:, 1] = 0.95  # confident liver ...
+    probs[:, 0] = 0.05
+    probs[1, :, 0, 0] = [0.3, 0.4, 0.3]  # ... except one unsure pixel
+    lab = training.pseudo_labels(probs, threshold=0.9)
+    assert lab.dtype == np.int64 and lab[1, 0, 0] == training.IGNORE
+    assert (lab[0] == 1).all() and (lab[1][lab[1] != training.IGNORE] == 1).all()
+
+
+def test_self_train_adds_pseudo_labelled_slices():
+    emb, lab, img = _synthetic(n=8)
+    cfg = TrainConfig(kind="linear", steps=30, batch_size=4, val_fraction=0, eval_every=15, lr=1e-2)
+    res = training.self_train(emb[:2], lab[:2], (emb[2:], img[2:]), images=img[:2], config=cfg,
+                              rounds=1, threshold=0.5, progress=False)
+    # 2 labelled slices repeated 3x + 6 pseudo-labelled ones; validated on the labelled two
+    assert res.history["n_train"] == 12 and res.history["val_on"] == "given"
+    assert 0 <= res.history["pseudo_ignored"] < 1
+    pred = predict_logits(res.head, emb[2:], img[2:]).argmax(1)
+    assert _dice(pred >= 1, lab[2:] >= 1) > 0.5
+    same = training.self_train(emb[:2], lab[:2], (emb[:0], img[:0]), images=img[:2], config=cfg,
+                               progress=False)
+    assert "pseudo_ignored" not in same.history  # nothing unlabelled: plain training
