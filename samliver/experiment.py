@@ -245,7 +245,7 @@ def run_dataset(root: str | Path, model: Any, *, ks: list[int], heads: list[str]
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Mean and sd over seeds per (protocol, method, k)."""
+    """Mean and sample sd (ddof 1) over seeds per (protocol, method, k); sd 0 for one seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["protocol"], r["method"], r["k"]), []).append(r)
@@ -255,7 +255,7 @@ def summarise(records: list[dict]) -> list[dict]:
         for key in ("liver_dice", "tumour_dice"):
             vals = [r[key] for r in rs if r[key] is not None]
             row[key] = float(np.mean(vals)) if vals else None
-            row[key + "_sd"] = float(np.std(vals)) if len(vals) > 1 else 0.0
+            row[key + "_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         rows.append(row)
     return rows
 

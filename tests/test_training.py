@@ -172,6 +172,17 @@ def test_train_cli_with_tiny_model(tmp_path, monkeypatch):
         training.main([str(img), "--label", str(lab), "--model", "tiny", "--train-slices", "40"])
     with pytest.raises(SamliverError, match="no label"):
         training.main([str(img), "--model", "tiny", "--train-slices", "1"])
+    with pytest.raises(SamliverError, match="autosam"):
+        training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "cnn",
+                       "--train-slices", "2,5", "--train-parts", "tokens"])
+    out2 = tmp_path / "autosam.pt"
+    with pytest.warns(UserWarning):
+        training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "autosam",
+                       "--train-slices", "2,5", "--steps", "2", "--train-parts", "tokens",
+                       "-o", str(out2)])
+    head = training.load_head(out2)
+    frozen = [p.requires_grad for p in head.transformer.parameters()]
+    assert head.train_parts == "tokens" and frozen and not any(frozen)
 
 
 @pytest.mark.slow
