@@ -636,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("-o", "--output", default="outputs/head.pt")
     args = p.parse_args(argv)
+    # Checked before loading anything: a bad flag should not cost a volume's embeddings.
+    if args.train_parts and args.head != "autosam":
+        raise SamliverError(f"--train-parts applies to the autosam head, not {args.head!r}.")
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     from .datasets import protocol_split
@@ -666,8 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
                                            seed=args.seed, progress=True)
     steps = args.steps or (60 if fast_mode() else 300)
-    if args.train_parts and args.head != "autosam":
-        raise SamliverError(f"--train-parts applies to the autosam head, not {args.head!r}.")
     config = TrainConfig(kind=args.head, steps=steps, lr=args.lr, augment=args.augment,
                          seed=args.seed, device=args.device,
                          head_options={"train_parts": args.train_parts} if args.train_parts else {})

@@ -181,8 +181,8 @@ def test_train_cli_with_tiny_model(tmp_path, monkeypatch):
                        "--train-slices", "2,5", "--steps", "2", "--train-parts", "tokens",
                        "-o", str(out2)])
     head = training.load_head(out2)
-    frozen = [p.requires_grad for p in head.transformer.parameters()]
-    assert head.train_parts == "tokens" and frozen and not any(frozen)
+    trainable = [p.requires_grad for p in head.transformer.parameters()]
+    assert head.train_parts == "tokens" and trainable and not any(trainable)
 
 
 @pytest.mark.slow
