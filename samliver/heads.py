@@ -12,9 +12,8 @@ Kinds (``build_head(kind, ...)``):
   light skip from the slice image at S/2 and (``full_res=True``, the default) a last residual
   refinement block at the full input resolution S fed with the image itself: each token of
   the frozen encoder covers 4x4 input pixels (16x16 for SAM ViT), so edges of small lesions
-  need the pixels. On the sample
-  (sparse, K = 8, 200 steps) the full-resolution block lifted tumour Dice 0.836 -> 0.873 and
-  liver 0.972 -> 0.979.
+  need the pixels. On the sample (sparse, K = 8, 200 steps) the full-resolution block lifted
+  tumour Dice 0.836 -> 0.873 and liver 0.972 -> 0.979.
 - ``vit``: a small transformer over the embedding tokens (2x2-merged), then the cnn path.
 - ``autosam``: SAM's mask decoder initialised from the model's checkpoint, prompt tokens
   removed, one mask token (and hypernetwork MLP) per class (after Hu et al. 2023, "How to
