@@ -19,7 +19,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install $(TORCH_SPEC)
-	$(BIN)/python -m pip install -e '.[ui,test]'
+	$(BIN)/python -m pip install -e '.[ui,test,fast]'
 	rm -f $(VENV)/.samliver-*
 	touch $(STAMP)
 
@@ -38,6 +38,7 @@ test: setup browser-deps
 	SAMLIVER_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax $(PYTEST_ARGS)
 
 bench: setup
+	$(BIN)/python -c 'import nncf' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[int8]'
 	$(BIN)/samliver fetch-sample
 	$(BIN)/samliver bench
 

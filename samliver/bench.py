@@ -1,28 +1,27 @@
-"""Speed and memory benchmark: ``samliver bench`` (and ``make bench``).
+"""Speed benchmark: ``samliver bench`` (and ``make bench``).
 
-Measures, on the real sample case (default) with LiteMedSAM (default):
+One table, measured in one run on the real sample case with LiteMedSAM (defaults):
 
-* ``naive``: one slice at a time, float32, default threads, a bare ``model.image_encoder(x)``
-  forward under ``torch.no_grad`` (what a first notebook would do);
-* ``samliver``: :func:`samliver.embeddings.embed_volume` into an empty temporary cache
-  (samliver's default encoder path), and the speed-up naive / samliver;
-* ``cache_hit``: reading an embedding back from the cache (memory-mapped float16);
-* ``box_to_mask``: a cached box -> mask round trip (``Predictor.set_embedding`` +
-  ``predict(box=...)``), median and 90th percentile over many prompts;
-* encoder variants tried for speed (batch size, threads, channels_last, bfloat16 autocast where
-  the CPU has it natively, and with ``--compile`` ``torch.compile``), timed round-robin with the
-  naive loop as the in-run baseline, each with its largest embedding difference from the float32
-  reference and the Dice between its box masks and the float32 ones, so a faster variant that
-  changes results shows it;
-* peak resident memory (``resource.getrusage``).
+* **physical limits**: this CPU's matmul throughput (2048^3, fp32 / bf16 / int8) and the model's
+  FLOPs per slice (encoder) and per box (prompt encoder + mask decoder), so each time can be put
+  next to its bound (``% of peak`` = achieved FLOP/s / the peak of the precision it runs at);
+* **encoder backends** (:mod:`samliver.backends`), timed round-robin against the bare loop (a
+  ``model.image_encoder(x)`` forward per slice, fp32, ``inference_mode``) so machine load hits all
+  alike; the bare loop is timed twice (``bare`` and ``bare_again``) and the two must agree. Each
+  row has s/slice, x bare, % of peak, the largest embedding difference from fp32 and the Dice
+  between its tight-box liver masks and the fp32 ones (mean and min over the accuracy slices).
+  ``default`` is :func:`samliver.embeddings.embed_volume` into an empty cache with the default
+  backend: preprocessing and the float16 write included;
+* **cache hit**, **box -> mask** (``Predictor``, one box and several boxes per call) and
+  **head training** (the demo recipe, :func:`samliver.training.time_demo_recipe`).
 
-Timings are the median of ``--repeats`` runs, as wall-clock seconds and as this process's CPU
-seconds: on a shared machine the wall clock includes waiting for other processes, the CPU time
-much less so; the table notes the load average seen. A Markdown table (name | value | unit |
-note) goes to stdout and the figures as a JSON list of ``{"name", "value", "unit"}`` to
-``outputs/bench.json`` (written atomically). ``--quick`` (or ``SAMLIVER_FAST=1``) runs the same
-code on 2 slices, once, with 10 prompts and no variants, e.g. ``--quick --model tiny --volume
-phantom`` for a smoke test.
+A Markdown table (name | value | unit | note) goes to stdout and ``{"name", "value", "unit"}``
+records to ``outputs/bench.json`` (written atomically). Scripts read these names:
+``peak_fp32_gflops``, ``encoder_bare_s_per_slice``, ``encoder_default_s_per_slice``,
+``encoder_fastest_s_per_slice`` (the fastest backend whose mask Dice vs fp32 is >= 0.99),
+``encoder_fastest_mask_dice_vs_fp32``, ``decoder_box_ms``, ``head_train_demo_s``.
+``--quick`` (or ``SAMLIVER_FAST=1``) runs the same code small: 2 slices, one round, small
+matmuls, torch backends only, no head training (e.g. ``--quick --model tiny --volume phantom``).
 """
 
 from __future__ import annotations
@@ -116,94 +115,118 @@ def _box_dice(model, embs: np.ndarray, volume, zs) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _native_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX); without them torch emulates bf16 slowly."""
+def _peaks(n: int, repeats: int) -> dict[str, float | None]:
+    """Matmul throughput of this CPU in G(FL)OP/s: fp32, bf16 (None without native bf16) and int8."""
     import torch
 
-    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)]
-    return any(bool(f()) for f in checks if f is not None)
+    from .backends import native_bf16
+
+    def rate(fn) -> float:
+        fn()
+        wall, _, _ = _timed(fn, repeats)
+        return 2 * n**3 / wall / 1e9
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out: dict[str, float | None] = {"fp32": rate(lambda: a @ b), "bf16": None, "int8": None}
+    if native_bf16():
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        out["bf16"] = rate(lambda: a16 @ b16)
+    try:
+        i8a = torch.randint(-64, 64, (n, n), dtype=torch.int8)
+        i8b = torch.randint(-64, 64, (n, n), dtype=torch.int8)
+        out["int8"] = rate(lambda: torch._int_mm(i8a, i8b))
+    except (RuntimeError, AttributeError):  # not every torch build has an int8 CPU matmul
+        pass
+    return out
 
 
-def _onnx_encoder(enc, x):
-    """An ONNX Runtime session of the encoder (exported to a temporary file), as a callable."""
-    import tempfile
+def _flops(model) -> tuple[float, float]:
+    """GFLOP of one encoder forward (one slice) and of one box decode (prompt encoder + decoder)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    import onnxruntime as ort
+    x = torch.zeros(1, 3, model.image_size, model.image_size, device=model.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        emb = model.image_encoder(x)
+    enc = counter.get_total_flops() / 1e9
+    box = torch.tensor([[40.0, 40.0, 200.0, 200.0]], device=model.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        sparse, dense = model.prompt_encoder(points=None, boxes=box, masks=None)
+        model.mask_decoder(image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
+                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+    return enc, counter.get_total_flops() / 1e9
+
+
+def _encoder_candidates(model, volume, window, *, quick: bool, int8: bool):
+    """(name, backend, precision, callable(batch) -> embeddings, note) for each encoder path timed.
+
+    Exports (ONNX / OpenVINO IR / int8 calibration) happen here, outside the timing, through
+    the export cache; a backend that cannot run on this machine is returned with the error
+    as its callable's result so the table says why.
+    """
+    import dataclasses
+
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="samliver-onnx-") as tmp:
-        path = str(Path(tmp) / "encoder.onnx")
-        # Batch 1: TinyViT's traced reshapes fix the batch size (a dynamic batch fails in ORT).
-        torch.onnx.export(enc, (x[:1],), path, dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["embedding"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-    def run(batch):
-        return torch.cat([torch.from_numpy(session.run(None, {"x": batch[i : i + 1].numpy()})[0])
-                          for i in range(len(batch))])
-
-    return run
-
-
-def _encoder_variants(model, x, *, compile_too: bool, bf16_too: bool = True):
-    """(name, note, callable(batch) -> embeddings) for each speed-up tried on the bare encoder."""
-    import torch
+    from .backends import SUPPORTED, installed, native_bf16
+    from .embeddings import embed_volume
 
     enc = model.image_encoder
 
-    def plain(batch):
+    def bare(batch):
         with torch.inference_mode():
-            return enc(batch)
-
-    def one_thread(batch):
-        import dataclasses
-
-        return dataclasses.replace(model, num_threads=1).encode(batch)
-
-    def channels_last(batch):
-        with torch.inference_mode():
-            return enc(batch.contiguous(memory_format=torch.channels_last))
-
-    def bf16(batch):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return enc(batch).float()
-
-    def naive_loop(batch):
-        with torch.no_grad():
             return torch.cat([enc(batch[i : i + 1]) for i in range(len(batch))])
 
-    variants = [
-        ("naive_loop", "the naive loop again, timed in the same rounds (the baseline)", naive_loop, None),
-        ("inference_mode_b1", "batch 1, torch.inference_mode", lambda b: plain(b[:1]), 1),
-        ("batched", "all timed slices in one forward, inference_mode, default threads", plain, None),
-        ("samliver_encode", "model.encode, batched: samliver's default (inference_mode, auto_num_threads)",
-         model.encode, None),
-        ("threads1_batched", "SamModel(num_threads=1).encode (SAMLIVER_THREADS=1), batched", one_thread, None),
-        ("channels_last_batched", "channels_last input, batched", channels_last, None),
+    counter = iter(range(10**6))
+    tmp = Path(tempfile.mkdtemp(prefix="samliver-bench-"))
+    default = get_default_model(model)
+
+    def default_path(zs):
+        # embed_volume from HU slices into an empty cache: preprocessing + encode + float16 write.
+        emb = embed_volume(volume, default, slices=zs, window=window, progress=False,
+                           cache_root=tmp / f"run{next(counter)}")
+        return torch.from_numpy(emb.stack(zs))
+
+    out = [
+        ("bare", "torch", "fp32", bare, "bare loop: image_encoder(x) per slice, fp32, inference_mode (the baseline)"),
+        ("default", default.backend, default.precision, default_path,
+         f"embed_volume, default backend ({default.backend}/{default.precision}), empty cache, incl. preprocessing + write"),
     ]
-    try:
-        import onnxruntime  # noqa: F401  (optional: `pip install onnxruntime onnx`)
+    wanted = [("torch", "fp32")]
+    if not quick:
+        wanted += [("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+        if int8:
+            wanted.append(("openvino", "int8"))
+    for backend, precision in wanted:
+        name = f"{backend}_{precision}"
+        if precision not in SUPPORTED[backend]:
+            continue
+        if not installed(backend):
+            out.append((name, backend, precision, RuntimeError(f"{backend} not installed (pip install 'samliver[fast]')"), ""))
+            continue
+        if precision == "bf16" and not native_bf16():
+            out.append((name, backend, precision, RuntimeError("skipped: this CPU has no native bf16"), ""))
+            continue
+        variant = dataclasses.replace(model, backend=backend, precision=precision, _runner=None, _runner_for=())
+        t0 = time.perf_counter()
+        try:
+            variant.encode(torch.zeros(1, 3, model.image_size, model.image_size))  # export + compile
+        except Exception as err:  # a backend this machine cannot run is reported, not fatal
+            out.append((name, backend, precision, err, ""))
+            continue
+        prep = time.perf_counter() - t0
+        out.append((name, backend, precision, variant.encode, f"model.encode on {backend}/{precision}; first call (export/compile, cached after) {prep:.1f} s"))
+    return out, tmp
 
-        variants.append(("onnxruntime_b1", "ONNX Runtime CPU session of the exported encoder (fp32), one slice per run",
-                         _onnx_encoder(enc, x), None))
-    except Exception as err:  # not installed, or the export failed: reported, not fatal
-        def unavailable(batch, _err=err):
-            raise RuntimeError(f"onnxruntime variant unavailable ({type(_err).__name__}: {_err})")
 
-        variants.append(("onnxruntime_b1", "ONNX Runtime (optional)", unavailable, None))
-    if bf16_too:
-        variants.append(("bf16_autocast_batched", "bfloat16 autocast on CPU, batched", bf16, None))
-    if compile_too:
-        compiled = torch.compile(enc, dynamic=False)
+def get_default_model(model):
+    """A copy of ``model`` on the backend/precision that ``get_model`` picks by default here."""
+    import dataclasses
 
-        def run_compiled(batch):
-            with torch.inference_mode():
-                return compiled(batch)
+    from .backends import resolve
 
-        variants.append(("torch_compile_batched", "torch.compile (inductor), warm", run_compiled, None))
-    return variants
+    backend, precision = resolve("auto", "auto", model.device)
+    return dataclasses.replace(model, backend=backend, precision=precision, _runner=None, _runner_for=())
 
 
 def run_bench(
@@ -211,21 +234,35 @@ def run_bench(
     volume_spec: str = "sample",
     n_slices: int = 4,
     repeats: int = 3,
-    n_prompts: int = 60,
-    variants: bool = True,
-    variant_slices: int = 2,
-    variant_repeats: int = 2,
-    compile_too: bool = False,
-    force_bf16: bool = False,
+    n_prompts: int = 40,
+    accuracy_slices: int = 12,
+    quick: bool = False,
+    int8: bool = True,
+    head: bool = True,
     window: str = "abdomen",
-    progress: bool = False,
 ) -> list[dict]:
-    """Run the benchmark; returns rows ``{"name", "value", "unit", "note"}`` (see the module doc)."""
+    """Run the benchmark; returns rows ``{"name", "value", "unit", "note"}`` (see the module doc).
+
+    Args:
+        model_name: model to time (default LiteMedSAM).
+        volume_spec: ``"sample"``, ``"phantom"`` or a CT file.
+        n_slices: slices per timed encoder call (spread over the liver).
+        repeats: round-robin rounds; medians are reported.
+        n_prompts: box prompts for the decoder latency.
+        accuracy_slices: liver slices on which each backend's masks are compared with fp32.
+        quick: small smoke run (torch backends only, small matmuls, no head training).
+        int8: include OpenVINO int8 (its first use calibrates with NNCF, minutes).
+        head: time the demo's head training recipe.
+        window: HU window.
+
+    Returns:
+        The table's rows.
+    """
     import torch
 
     from .embeddings import embed_volume
-    from .models import get_model
-    from .prompt_based_segmentation import Predictor
+    from .evaluation import dice
+    from .models import auto_num_threads, get_model
 
     rows: list[dict] = []
 
@@ -234,157 +271,123 @@ def run_bench(
 
     load0 = os.getloadavg()[0]
     volume = _load(volume_spec)
-    model = get_model(model_name, device="cpu")
-    zs = _pick_slices(volume, n_slices)
+    model = get_model(model_name, device="cpu", backend="torch", precision="fp32")
+    threads = model.num_threads or auto_num_threads() or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    add("cpu_cores", os.cpu_count() or 0, "cores", f"torch threads {threads}; load average at start {load0:.2f}; "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+    # -- physical limits -------------------------------------------------------------------------
+    peaks = _peaks(512 if quick else 2048, 1 if quick else 5)
+    add("peak_fp32_gflops", peaks["fp32"], "GFLOP/s", "torch matmul fp32, median")
+    add("peak_bf16_gflops", peaks["bf16"], "GFLOP/s", "torch matmul bf16" if peaks["bf16"] else "no native bf16 on this CPU")
+    add("peak_int8_gops", peaks["int8"], "GOP/s", "torch._int_mm int8" if peaks["int8"] else "no int8 matmul in this torch")
+    enc_gflop, dec_gflop = _flops(model)
+    add("encoder_gflop_per_slice", enc_gflop, "GFLOP", f"{model.name} image encoder, FlopCounterMode")
+    add("decoder_gflop_per_box", dec_gflop, "GFLOP", "prompt encoder + mask decoder, one box")
+    add("encoder_bound_fp32_s_per_slice", enc_gflop / peaks["fp32"], "s/slice", "FLOPs / fp32 peak")
+
+    # -- encoder backends, round-robin -----------------------------------------------------------
+    zs = _pick_slices(volume, 2 if quick else n_slices)
     x = _batch(volume, model, zs, window)
-    threads = torch.get_num_threads()
-    add("cpu_cores", os.cpu_count() or 0, "cores", f"torch threads {threads}; load average at start {load0:.2f}")
-    add("slices_timed", len(zs), "slices", f"{model.name} on {volume_spec}, slices {zs}")
-    from .models import auto_num_threads
+    acc_zs = _pick_slices(volume, 2 if quick else accuracy_slices)
+    x_acc = _batch(volume, model, acc_zs, window)
+    candidates, tmp = _encoder_candidates(model, volume, window, quick=quick, int8=int8)
+    try:
+        runnable = [c for c in candidates if callable(c[3])]
+        runnable.insert(1, ("bare_again", "torch", "fp32", runnable[0][3], "the bare loop again, same rounds: must agree with bare"))
+        for name, _, _, fn, _ in runnable:  # warm-up (first-call allocations, lazy inits)
+            fn(zs[:1]) if name == "default" else fn(x[:1])
+        timings: dict[str, list[float]] = {c[0]: [] for c in runnable}
+        for _ in range(1 if quick else repeats):
+            for name, _, _, fn, _ in runnable:
+                t0 = time.perf_counter()
+                fn(zs) if name == "default" else fn(x)
+                timings[name].append((time.perf_counter() - t0) / len(zs))
+        # accuracy: embeddings and tight-box liver masks vs fp32 on the accuracy slices
+        ref = runnable[0][3](x_acc).float().numpy()
+        ref_masks = _masks(model, ref, volume, acc_zs)
+        bare_s = statistics.median(timings["bare"])
+        fastest = None
+        for name, backend, precision, fn, note in candidates[:1] + [runnable[1]] + candidates[1:]:
+            if not callable(fn):
+                add(f"backend_{name}_s_per_slice", None, "s/slice", f"{type(fn).__name__}: {str(fn)[:100]}")
+                continue
+            sec = statistics.median(timings[name])
+            if name == "bare_again":
+                add("backend_bare_again_s_per_slice", sec, "s/slice", note)
+                add("encoder_bare_agreement", sec / bare_s, "x", "bare_again / bare: ~1 when the two bare loops agree")
+                continue
+            out = (fn(acc_zs) if name == "default" else fn(x_acc)).float().numpy()
+            masks = _masks(model, out, volume, acc_zs)
+            scores = [dice(a, b) for a, b in zip(masks, ref_masks)]
+            peak = peaks.get("int8" if precision == "int8" else precision) or peaks["fp32"]
+            add(f"backend_{name}_s_per_slice", sec, "s/slice", f"{note}; {len(zs)} slices, median of {len(timings[name])} rounds")
+            add(f"backend_{name}_x_bare", bare_s / sec, "x", "bare / this (>1: faster)")
+            add(f"backend_{name}_pct_peak", 100 * enc_gflop / sec / peak, "%", f"achieved FLOP/s / the {precision} matmul peak measured above")
+            add(f"backend_{name}_max_abs_diff", float(np.abs(out - ref).max()), "abs", "embedding vs bare fp32")
+            add(f"backend_{name}_mask_dice_vs_fp32", float(np.mean(scores)), "dice",
+                f"tight liver box masks vs fp32 masks, mean of {len(scores)} slices; min {min(scores):.4f}")
+            if name not in ("bare", "default") and float(np.mean(scores)) >= 0.99 and (fastest is None or sec < fastest[1]):
+                fastest = (name, sec, float(np.mean(scores)))
+        add("encoder_bare_s_per_slice", bare_s, "s/slice", "the bare loop (baseline of this run)")
+        add("encoder_default_s_per_slice", statistics.median(timings["default"]), "s/slice",
+            f"embed_volume with the default backend ({candidates[1][1]}/{candidates[1][2]})")
+        if fastest is not None:
+            add("encoder_fastest_s_per_slice", fastest[1], "s/slice", f"{fastest[0]}: fastest backend with mask Dice >= 0.99 vs fp32")
+            add("encoder_fastest_mask_dice_vs_fp32", fastest[2], "dice", fastest[0])
 
-    auto = model.num_threads or auto_num_threads() or threads
-    add("encoder_threads_samliver", auto, "threads", "threads model.encode uses now (num_threads / SAMLIVER_THREADS / auto)")
-
-    # (a) naive: one slice at a time, fp32, bare forward
-    def naive():
-        with torch.no_grad():
-            return torch.cat([model.image_encoder(x[i : i + 1]) for i in range(len(zs))])
-
-    naive()  # warm-up (first-call allocations)
-    wall, cpu, ref = _timed(naive, repeats)
-    ref = ref.float().numpy()
-    naive_s = wall / len(zs)
-    add("encoder_naive", naive_s, "s/slice", f"1 slice/forward, fp32, no_grad, median of {repeats}")
-    add("encoder_naive_cpu", cpu / len(zs), "cpu-s/slice", "process CPU time, same runs")
-
-    # (b) samliver's path, uncached, into a temporary cache folder
-    with tempfile.TemporaryDirectory(prefix="samliver-bench-") as tmp:
-        counter = iter(range(10**6))
-
-        def fresh():
-            return embed_volume(volume, model, slices=zs, window=window, progress=progress,
-                                cache_root=Path(tmp) / f"run{next(counter)}")
-
-        wall, cpu, emb = _timed(fresh, repeats)
-        ours = emb.stack(zs)
-        samliver_s = wall / len(zs)
-        add("encoder_samliver", samliver_s, "s/slice", "embed_volume, empty cache, incl. preprocessing + float16 write")
-        add("encoder_samliver_cpu", cpu / len(zs), "cpu-s/slice", "process CPU time, same runs")
-        add("speedup_naive_over_samliver", naive_s / samliver_s, "x", "wall-clock ratio (>1: samliver faster)")
-        add("embedding_max_abs_diff_samliver", float(np.abs(ours - ref).max()), "abs", "vs naive fp32 (float16 cache rounding included)")
-
-        # (c) cache hit: the same call again finds every slice on disk
-        wall, _, _ = _timed(lambda: embed_volume(volume, model, slices=zs, window=window, progress=False,
-                                                 cache_root=emb.path.parent.parent), repeats)
-        add("cache_hit_embed_volume", 1000 * wall / len(zs), "ms/slice", "embed_volume with all slices cached (key + file checks)")
+        # -- cache hit -----------------------------------------------------------------------
+        default = get_default_model(model)
+        emb = embed_volume(volume, default, slices=zs, window=window, progress=False, cache_root=tmp / "hit")
+        wall, _, _ = _timed(lambda: embed_volume(volume, default, slices=zs, window=window, progress=False,
+                                                 cache_root=tmp / "hit"), max(repeats, 5))
+        add("cache_hit_embed_volume_ms", 1000 * wall / len(zs), "ms/slice", "embed_volume with every slice cached (key + file checks)")
         wall, _, _ = _timed(lambda: emb.stack(zs), max(repeats, 5))
-        add("cache_hit_load", 1000 * wall / len(zs), "ms/slice", "memory-mapped float16 -> float32 array")
+        add("cache_hit_ms", 1000 * wall / len(zs), "ms/slice", "one cached embedding read (memory-mapped float16 -> float32)")
 
-        # (d) cached box -> mask latency
+        # -- box -> mask -----------------------------------------------------------------------------
+        from .prompt_based_segmentation import Predictor
+
         predictor = Predictor(model)
         rng = np.random.default_rng(0)
         h, w = volume.hu.shape[1:]
-        lat, lat_cpu = [], []
-        for i in range(n_prompts):
+        lat = []
+        for i in range(n_prompts + 1):
             z = zs[i % len(zs)]
             box = np.clip(_slice_box(volume, z) + rng.uniform(-3, 3, 4), 0, [w, h, w, h])
             box[2:] = np.maximum(box[2:], box[:2] + 1)
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             predictor.set_embedding(emb[z], (h, w), model_name=model.name)
             predictor.predict(box=box)
             lat.append(time.perf_counter() - t0)
-            lat_cpu.append(time.process_time() - c0)
-        lat_ms = 1000 * np.asarray(lat[1:] if len(lat) > 1 else lat)
-        add("box_to_mask_median", float(np.median(lat_ms)), "ms", f"set_embedding + predict(box), {len(lat_ms)} prompts; target <= 15 ms")
-        add("box_to_mask_p90", float(np.percentile(lat_ms, 90)), "ms", "90th percentile, same prompts")
-        add("box_to_mask_median_cpu", 1000 * float(np.median(lat_cpu)), "cpu-ms", "process CPU time per prompt")
-        # the decoder's many small operations suffer most when torch's threads wait for busy cores
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            lat1, cpu1 = [], []
-            for i in range(max(2, n_prompts // 2)):
-                z = zs[i % len(zs)]
-                t0, c0 = time.perf_counter(), time.process_time()
-                predictor.set_embedding(emb[z], (h, w), model_name=model.name)
-                predictor.predict(box=np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4]))
-                lat1.append(time.perf_counter() - t0)
-                cpu1.append(time.process_time() - c0)
-        finally:
-            torch.set_num_threads(previous)
-        add("box_to_mask_median_threads1", 1000 * float(np.median(lat1[1:])), "ms",
-            f"same with torch.set_num_threads(1), {len(lat1) - 1} prompts")
-        add("box_to_mask_median_threads1_cpu", 1000 * float(np.median(cpu1[1:])), "cpu-ms",
-            "its CPU time: the latency on an idle core")
+        lat_ms = 1000 * np.asarray(lat[1:])
+        add("decoder_box_ms", float(np.median(lat_ms)), "ms", f"set_embedding + predict(box) via Predictor, median of {len(lat_ms)}; "
+            f"{100 * dec_gflop / (np.median(lat_ms) / 1000) / peaks['fp32']:.0f} % of the fp32 peak")
+        add("decoder_box_p90_ms", float(np.percentile(lat_ms, 90)), "ms", "90th percentile, same prompts")
+        boxes = np.stack([_slice_box(volume, zs[0])] * 8) + rng.uniform(-3, 3, (8, 4))
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        predictor.set_embedding(emb[zs[0]], (h, w), model_name=model.name)
+        wall, _, _ = _timed(lambda: predictor.predict(boxes=boxes), 3 if quick else 9)
+        add("decoder_batched_box_ms", 1000 * wall / len(boxes), "ms/box", f"predict(boxes=...) with {len(boxes)} boxes in one call")
+    finally:
+        import shutil
 
-    # quality of the default path: liver box Dice from naive vs samliver embeddings
-    if volume.label is not None:
-        d_ref = _box_dice(model, ref, volume, zs)
-        d_ours = _box_dice(model, ours, volume, zs)
-        add("liver_box_dice_naive", d_ref, "dice", f"tight GT box per slice, {len(zs)} slices")
-        add("liver_box_dice_samliver", d_ours, "dice", "same boxes, embeddings from the cache (float16)")
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    # encoder variants
-    if variants:
-        nv = max(1, min(variant_slices, len(zs)))
-        xv, zv = x[:nv], zs[:nv]
-        ref_masks = _masks(model, ref[:nv], volume, zv)
-        bf16_too = force_bf16 or _native_bf16()
-        if not bf16_too:
-            add("variant_bf16_autocast_batched", None, "s/slice",
-                "skipped: this CPU has no native bfloat16 (emulated bf16 was ~100x slower on the tiny model); --bf16 forces it")
-        from .evaluation import dice
+    # -- head training ---------------------------------------------------------------------------
+    if head and not quick:
+        from . import training
 
-        # Round-robin: every round times each variant once, so a change in the machine's load
-        # during the run affects all variants alike (the first entry is the naive loop again).
-        candidates = _encoder_variants(model, xv, compile_too=compile_too, bf16_too=bf16_too)
-        timings: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in candidates}
-        outputs: dict[str, object] = {}
-        first: dict[str, float] = {}
-        for name, _, fn, _ in candidates:
-            if name.startswith("torch_compile"):
-                w0 = time.perf_counter()
-                try:
-                    fn(xv)  # the compilation
-                except Exception as err:  # a variant this CPU/torch cannot run is reported, not fatal
-                    outputs[name] = err
-                first[name] = time.perf_counter() - w0
-        for _ in range(max(1, variant_repeats)):
-            for name, _, fn, _ in candidates:
-                if isinstance(outputs.get(name), Exception):
-                    continue
-                w0, c0 = time.perf_counter(), time.process_time()
-                try:
-                    outputs[name] = fn(xv)
-                except Exception as err:
-                    outputs[name] = err
-                    continue
-                timings[name].append((time.perf_counter() - w0, time.process_time() - c0))
-        base = None
-        for name, note, _, n in candidates:
-            k = n or nv
-            out = outputs.get(name)
-            if isinstance(out, Exception) or not timings[name]:
-                add(f"variant_{name}", None, "s/slice", f"failed: {type(out).__name__}: {str(out)[:80]}")
-                continue
-            wall = statistics.median(t[0] for t in timings[name]) / k
-            cpu = statistics.median(t[1] for t in timings[name]) / k
-            base = wall if base is None else base
-            out = torch.as_tensor(out).float().numpy()
-            diff = float(np.abs(out - ref[:k]).max())
-            masks = _masks(model, out, volume, zv[:k])
-            mdice = float(np.mean([dice(a, b) for a, b in zip(masks, ref_masks[:k])]))
-            extra = f"; first call (compilation) {first[name]:.0f} s" if name in first else ""
-            add(f"variant_{name}", wall, "s/slice", f"{note}{extra}; {k} slices, median of {len(timings[name])}, interleaved")
-            add(f"variant_{name}_cpu", cpu, "cpu-s/slice", "process CPU time")
-            add(f"variant_{name}_speedup", base / wall, "x", "naive loop (same rounds) / variant, wall clock")
-            add(f"variant_{name}_max_abs_diff", diff, "abs", "embedding vs fp32 naive")
-            add(f"variant_{name}_mask_dice_vs_fp32", mdice, "dice", "box masks from variant vs from fp32 embeddings")
+        timer = getattr(training, "time_demo_recipe", None)
+        if timer is not None:
+            result = timer()
+            add("head_train_demo_s", result["seconds"], "s", f"demo recipe ({result.get('recipe', 'cnn, K = 8')}); "
+                f"test Dice liver {result.get('liver_dice', float('nan')):.3f} / tumour {result.get('tumour_dice', float('nan')):.3f}")
 
     add("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "MiB", "ru_maxrss of this process")
     add("load_average_end", os.getloadavg()[0], "load", f"1-min load average on {os.cpu_count()} cores (contention)")
     return rows
-
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a Markdown table: name | value | unit | note."""
@@ -404,30 +407,28 @@ def write_json(rows: list[dict], path: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``samliver bench [--quick] [--model litemedsam] [--volume sample] [--slices 4] [--out outputs/bench.json]``."""
-    parser = argparse.ArgumentParser(prog="samliver bench", description="Speed and memory benchmark (prints a table).")
+    parser = argparse.ArgumentParser(prog="samliver bench", description="Speed benchmark (prints a table, writes JSON).")
     parser.add_argument("--model", default="litemedsam", help="model name (default litemedsam)")
     parser.add_argument("--volume", default="sample", help="'sample' (default), 'phantom', or a CT file")
-    parser.add_argument("--slices", type=int, default=4, help="slices timed (default 4, spread over the liver)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement, median reported (default 3)")
-    parser.add_argument("--prompts", type=int, default=60, help="box prompts for the latency figure (default 60)")
-    parser.add_argument("--no-variants", action="store_true", help="skip the encoder speed-up variants")
-    parser.add_argument("--variant-slices", type=int, default=2, help="slices per variant timing (default 2)")
-    parser.add_argument("--variant-repeats", type=int, default=2, help="runs per variant (default 2)")
-    parser.add_argument("--compile", action="store_true", help="also try torch.compile (slow to compile)")
-    parser.add_argument("--bf16", action="store_true", help="try bfloat16 autocast even without native CPU support")
-    parser.add_argument("--quick", action="store_true", help="tiny run: 2 slices, 1 repeat, 10 prompts, no variants")
+    parser.add_argument("--slices", type=int, default=4, help="slices per timed encoder call (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds, medians reported (default 3)")
+    parser.add_argument("--prompts", type=int, default=40, help="box prompts for the decoder latency (default 40)")
+    parser.add_argument("--accuracy-slices", type=int, default=12, help="liver slices for the mask Dice vs fp32 (default 12)")
+    parser.add_argument("--no-int8", action="store_true", help="skip OpenVINO int8 (its first run calibrates, minutes)")
+    parser.add_argument("--no-head", action="store_true", help="skip the head-training timing")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 slices, 1 round, torch backends, no head training")
     parser.add_argument("--out", default="outputs/bench.json", help="JSON output (default outputs/bench.json)")
     args = parser.parse_args(argv)
     quick = args.quick or fast_mode()
+    for name in ("slices", "repeats", "prompts", "accuracy_slices"):
+        if getattr(args, name) < 1:
+            raise SamliverError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if quick:
-        args.slices, args.repeats, args.prompts = min(args.slices, 2), 1, min(args.prompts, 10)
-        args.no_variants = True
-    if args.slices < 1 or args.repeats < 1 or args.prompts < 1:
-        raise SamliverError("--slices, --repeats and --prompts must be at least 1.")
+        args.prompts = min(args.prompts, 10)
     rows = run_bench(
         model_name=args.model, volume_spec=args.volume, n_slices=args.slices, repeats=args.repeats,
-        n_prompts=args.prompts, variants=not args.no_variants, variant_slices=args.variant_slices,
-        variant_repeats=args.variant_repeats, compile_too=args.compile, force_bf16=args.bf16,
+        n_prompts=args.prompts, accuracy_slices=args.accuracy_slices, quick=quick, int8=not args.no_int8,
+        head=not args.no_head,
     )
     print(format_table(rows))
     path = write_json(rows, args.out)

@@ -7,6 +7,7 @@ called so that ``samliver --help`` stays fast (torch is not imported for it).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from .util import SamliverError
@@ -27,12 +28,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Options every command that encodes slices understands, wherever they stand on the line: they
+# choose how the frozen encoder runs (samliver.backends) and are passed on through the
+# environment that get_model() reads, so no command has to re-declare them.
+GLOBAL_OPTIONS = {
+    "--backend": ("SAMLIVER_BACKEND", "encoder backend: auto (default), torch, onnxruntime, openvino"),
+    "--precision": ("SAMLIVER_PRECISION", "encoder precision: auto (= fp32, exact), bf16, fp16 (GPU), int8 (openvino)"),
+}
+
+
 def _usage() -> str:
-    width = max(map(len, COMMANDS))
+    width = max(max(map(len, COMMANDS)), max(len(o) + 2 for o in GLOBAL_OPTIONS))
     lines = ["usage: samliver <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "options for every command that encodes slices:"]
+    lines += [f"  {opt + ' X':<{width}}  {text}" for opt, (_, text) in GLOBAL_OPTIONS.items()]
     lines += ["", "Run `samliver <command> --help` for a command's options."]
     return "\n".join(lines)
+
+
+def _take_global_options(argv: list[str]) -> list[str]:
+    """Remove ``--backend X`` / ``--precision X`` (or ``--opt=X``) from ``argv`` into the environment.
+
+    Raises:
+        SamliverError: an option given without a value, or a value get_model will not accept.
+    """
+    from .backends import BACKENDS, PRECISIONS
+
+    allowed = {"--backend": ("auto", *BACKENDS), "--precision": ("auto", *PRECISIONS)}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        opt, eq, value = arg.partition("=")
+        if opt in GLOBAL_OPTIONS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SamliverError(f"{opt} needs a value: one of {', '.join(allowed[opt])}.")
+                value, i = argv[i + 1], i + 1
+            if value not in allowed[opt]:
+                raise SamliverError(f"{opt} {value!r} is not one of {', '.join(allowed[opt])}.")
+            os.environ[GLOBAL_OPTIONS[opt][0]] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     try:
+        rest = _take_global_options(rest)
         return int(module.main(rest) or 0)
     except SamliverError as err:
         print(f"samliver {name}: error: {err}", file=sys.stderr)

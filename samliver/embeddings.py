@@ -23,7 +23,7 @@ import numpy as np
 
 from .util import SamliverError, atomic_path, atomic_write_text, cache_dir, sha256_array
 
-CACHE_FORMAT = 1  # bump when the on-disk layout or preprocessing code changes meaning
+CACHE_FORMAT = 2  # bump when the on-disk layout or preprocessing code changes meaning
 
 
 def _hu_of(volume) -> np.ndarray:
@@ -60,7 +60,8 @@ def cache_key(volume, model, window="abdomen") -> dict:
         "model": model.name,
         "weights": model.weights_id,
         "preprocessing": model.preprocessing_params(),
-        "encode_dtype": None if model.encode_dtype is None else str(model.encode_dtype),
+        "backend": model.backend,
+        "precision": model.precision,
         "window": [lo, hi],
         "volume_sha256": sha256_array(hu),
         "volume_shape": list(hu.shape),

@@ -146,12 +146,17 @@ class SamModel:
     embed_hw: tuple[int, int] = (64, 64)
     random_weights: bool = False
     checkpoint_path: str | None = None
-    encode_dtype: Any = None  # e.g. torch.bfloat16 for autocast on the encoder; None = float32
+    # How the encoder runs (samliver.backends): "torch" | "onnxruntime" | "openvino", at
+    # "fp32" | "bf16" | "fp16" | "int8". Both are part of the embedding cache key.
+    backend: str = "torch"
+    precision: str = "fp32"
     # CPU threads for encode; None = auto_num_threads() (torch's default, one per core, unless the
     # machine is oversubscribed, then 1: OpenMP threads waiting on each other for busy cores made
     # the encoder ~1.5-2x slower in `make bench` on a shared 2-core machine).
     num_threads: int | None = None
     meta: dict = field(default_factory=dict)
+    _runner: Any = field(default=None, repr=False, compare=False)
+    _runner_for: tuple = field(default=(), repr=False, compare=False)
 
     def transform(self, original_hw: tuple[int, int]):
         """The :class:`samliver.preprocess.SliceTransform` from a slice of ``original_hw`` to the model input."""
@@ -188,8 +193,15 @@ class SamModel:
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, 0), dtype=np.float32))
 
     def encode(self, batch):
-        """(B, 3, S, S) tensor -> (B, 256, 64, 64) float32 embeddings, no grad, on the model's device."""
+        """(B, 3, S, S) tensor -> (B, 256, 64, 64) float32 embeddings, no grad.
+
+        Runs on ``self.backend`` at ``self.precision`` (see :mod:`samliver.backends`); the
+        engine is built (and, for ONNX Runtime/OpenVINO, exported into the cache) on first use.
+        Output is on the model's device for torch, on the CPU otherwise.
+        """
         import torch
+
+        from .backends import build_runner
 
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[-2:]) != (self.image_size,) * 2:
             raise SamliverError(
@@ -198,32 +210,41 @@ class SamModel:
             )
         previous = torch.get_num_threads()
         threads = self.num_threads if self.num_threads else (auto_num_threads() if self.device == "cpu" else None)
+        wanted = (self.backend, self.precision, self.device, threads if self.backend != "torch" else None)
+        if self._runner is None or self._runner_for != wanted:
+            self._runner, self._runner_for = build_runner(self, self.backend, self.precision, threads), wanted
         if threads and threads != previous:
             torch.set_num_threads(int(threads))
         try:
-            with torch.inference_mode():
-                batch = batch.to(self.device, dtype=torch.float32)
-                if self.encode_dtype is not None:
-                    with torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.encode_dtype):
-                        out = self.image_encoder(batch)
-                else:
-                    out = self.image_encoder(batch)
-                return out.float()
+            return self._runner(batch)
         finally:
             if threads and threads != previous:
                 torch.set_num_threads(previous)  # no lasting change to the process's torch settings
+
+    def set_backend(self, backend: str | None = None, precision: str | None = None) -> "SamModel":
+        """Choose how :meth:`encode` runs (``"auto"``/None: see :func:`samliver.backends.resolve`); returns self."""
+        from .backends import resolve
+
+        self.backend, self.precision = resolve(backend, precision, self.device)
+        self._runner = None
+        return self
 
     def to(self, device: str) -> "SamModel":
         """Move the three modules to ``device`` (returns self)."""
         for module in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
             module.to(device)
         self.device = str(device)
+        self._runner = None
+        if self.backend != "torch" and self.device.split(":")[0] != "cpu":
+            # ONNX Runtime / OpenVINO run on the CPU only: a model moved to a GPU runs torch.
+            self.backend, self.precision = "torch", ("fp32" if self.precision == "int8" else self.precision)
         return self
 
     def __repr__(self) -> str:  # the modules' reprs are pages long
         return (
             f"SamModel(name={self.name!r}, image_size={self.image_size}, device={self.device!r}, "
-            f"weights_id={self.weights_id[:12]}..., preprocessing={self.preprocessing!r})"
+            f"weights_id={self.weights_id[:12]}..., preprocessing={self.preprocessing!r}, "
+            f"backend={self.backend!r}, precision={self.precision!r})"
         )
 
 
@@ -587,6 +608,8 @@ def get_model(
     device: str | None = None,
     *,
     num_threads: int | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> SamModel:
     """Load a model by name (default ``"litemedsam"``).
 
@@ -597,6 +620,12 @@ def get_model(
     device: torch device; default CUDA, then MPS, then CPU.
     num_threads: CPU threads used by ``encode``; default ``$SAMLIVER_THREADS`` if set, else
         :func:`auto_num_threads` at each call (one per core, or 1 when the machine is oversubscribed).
+    backend: how the encoder runs: ``"auto"`` (default, or ``$SAMLIVER_BACKEND``): OpenVINO on a
+        CPU when installed, else ONNX Runtime, else torch; torch on a GPU. Or ``"torch"``,
+        ``"onnxruntime"``, ``"openvino"`` (:mod:`samliver.backends`).
+    precision: ``"auto"`` (default, or ``$SAMLIVER_PRECISION``) = ``"fp32"``, exact; ``"bf16"``
+        (torch autocast / OpenVINO), ``"fp16"`` (torch on a GPU) or ``"int8"`` (OpenVINO + NNCF)
+        are faster but change the embeddings slightly (``make bench`` reports by how much).
     """
     if name not in MODEL_NAMES:
         raise SamliverError(f"Unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}.")
@@ -617,4 +646,8 @@ def get_model(
     else:
         model = _build_sam(name, checkpoint, device)
     model.num_threads = num_threads
-    return model
+    if str(device).split(":")[0] == "cpu":
+        from .backends import tune_allocator
+
+        tune_allocator()
+    return model.set_backend(backend, precision)

@@ -10,10 +10,14 @@ import pytest
 
 from samliver import bench
 
+# The names scripts read (the speed issue's contract) and the per-backend rows of the quick run.
 EXPECTED = {
-    "encoder_naive", "encoder_samliver", "speedup_naive_over_samliver", "cache_hit_load",
-    "cache_hit_embed_volume", "box_to_mask_median", "box_to_mask_p90", "peak_rss",
-    "embedding_max_abs_diff_samliver", "liver_box_dice_naive", "liver_box_dice_samliver",
+    "peak_fp32_gflops", "encoder_bare_s_per_slice", "encoder_default_s_per_slice",
+    "encoder_fastest_s_per_slice", "encoder_fastest_mask_dice_vs_fp32", "decoder_box_ms",
+    "encoder_gflop_per_slice", "decoder_gflop_per_box", "encoder_bare_agreement",
+    "backend_default_s_per_slice", "backend_default_x_bare", "backend_default_pct_peak",
+    "backend_default_max_abs_diff", "backend_default_mask_dice_vs_fp32", "backend_torch_fp32_s_per_slice",
+    "cache_hit_ms", "cache_hit_embed_volume_ms", "decoder_batched_box_ms", "peak_rss",
 }
 
 
@@ -29,20 +33,22 @@ def test_quick_bench_writes_table_and_json(tmp_path, capsys):
     assert isinstance(rows, list) and all(set(r) == {"name", "value", "unit"} for r in rows)
     by_name = {r["name"]: r for r in rows}
     assert EXPECTED <= set(by_name)
-    assert by_name["encoder_naive"]["unit"] == "s/slice" and by_name["box_to_mask_median"]["unit"] == "ms"
+    assert len(by_name) == len(rows)  # every name once
+    assert by_name["encoder_bare_s_per_slice"]["unit"] == "s/slice" and by_name["decoder_box_ms"]["unit"] == "ms"
     for name in EXPECTED:
         assert math.isfinite(by_name[name]["value"]) and by_name[name]["value"] >= 0, name
         assert f"| {name} |" in table
-    assert by_name["embedding_max_abs_diff_samliver"]["value"] < 0.05  # float16 cache of the same encoder
-    assert not any(r["name"].startswith("variant_") for r in rows)  # quick mode skips the variants
+    assert by_name["backend_default_max_abs_diff"]["value"] < 0.05  # float16 cache of an exact backend
+    assert by_name["encoder_fastest_mask_dice_vs_fp32"]["value"] >= 0.99  # the contract of "fastest"
+    assert "head_train_demo_s" not in by_name  # quick mode skips head training
     assert list(out.parent.iterdir()) == [out]  # atomic write leaves no temp file
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
     from samliver.util import SamliverError
 
-    with pytest.raises(SamliverError, match="at least 1"):
-        bench.main(["--model", "tiny", "--volume", "phantom", "--slices", "0", "--no-variants", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(SamliverError, match="--slices must be at least 1"):
+        bench.main(["--model", "tiny", "--volume", "phantom", "--slices", "0", "--no-int8", "--out", str(tmp_path / "b.json")])
 
 
 def test_format_table_handles_missing_values():

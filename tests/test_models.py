@@ -334,7 +334,7 @@ def test_num_threads_is_scoped_to_encode(tiny, monkeypatch):
     import dataclasses
 
     before = torch.get_num_threads()
-    one = dataclasses.replace(tiny, num_threads=1)
+    one = dataclasses.replace(tiny, num_threads=1, backend="torch", precision="fp32", _runner=None)
     seen = []
     real_forward = one.image_encoder.forward
 

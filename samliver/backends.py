@@ -1,0 +1,413 @@
+"""Encoder backends: the frozen image encoder run by torch, ONNX Runtime or OpenVINO.
+
+Why: everything after the encoder is cheap, so the encoder decides how long a volume takes.
+On a CPU the inference engines run the same network 2-4x faster than eager torch (fused
+kernels, bf16/int8 matrix units), while torch stays the path for GPUs and for platforms
+without the optional packages (``pip install 'samliver[fast]'``).
+
+| backend       | precisions             | where                     | result vs torch fp32      |
+|---------------|------------------------|---------------------------|---------------------------|
+| ``torch``     | fp32, bf16, fp16 (CUDA)| every device              | fp32 exact                |
+| ``onnxruntime``| fp32                  | CPU                       | exact (~1e-5)             |
+| ``openvino``  | fp32, bf16, int8       | CPU                       | fp32 exact; bf16/int8 not |
+
+``fp32`` on OpenVINO is asked for explicitly (``INFERENCE_PRECISION_HINT=f32``): OpenVINO's
+default on a CPU with native bf16 is bf16, which is *not* exact. ``int8`` is post-training
+quantisation with NNCF, calibrated on real CT slices (the bundled LiTS sample).
+
+Exported models live in ``$SAMLIVER_HOME/backends/<model>/<weights sha[:16]>/`` beside a
+``key.json`` naming the model, weights, input size, format version and each file's SHA-256;
+a missing, partial or modified file is re-exported, never used. Exports are written to a
+temporary folder and renamed into place, so a crash leaves no half-written model.
+
+:func:`resolve` picks the backend and precision: ``auto`` means OpenVINO on a CPU when it is
+installed (else ONNX Runtime, else torch), torch elsewhere, at fp32 (exact). Faster, inexact
+precisions are one option away (``--precision bf16`` / ``int8``); ``make bench`` reports
+their speed and their mask Dice against fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .util import SamliverError, atomic_write_text, cache_dir, sha256_file
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+EXPORT_FORMAT = 1  # bump when the export code changes what a file means
+# Which precisions each backend can run (fp16 only where torch has a GPU to run it on).
+SUPPORTED = {
+    "torch": ("fp32", "bf16", "fp16"),
+    "onnxruntime": ("fp32",),
+    "openvino": ("fp32", "bf16", "int8"),
+}
+CALIBRATION_SLICES = 16  # int8: real CT slices NNCF calibrates on (each costs two encoder passes)
+
+
+# ----------------------------------------------------------------------------------------------
+# process-level settings
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Stop glibc's malloc from returning large buffers to the OS after every use.
+
+    Why: an encoder forward allocates and frees the same large activations each slice. glibc
+    serves blocks above a dynamic threshold with ``mmap`` and unmaps them on ``free``, so each
+    slice faulted in ~400k fresh pages (~1 s of system time per slice on a 2-core EPYC).
+    ``M_MMAP_MAX = 0`` keeps them in the heap, and a 1 GiB trim threshold keeps the heap from
+    being shrunk between slices; measured: 0 page faults and ~0.004 s system time per slice,
+    bitwise-identical output (``docs/benchmark.md``). Memory is still reused, only not
+    returned to the OS between calls. Set ``SAMLIVER_MALLOC=default`` to leave malloc alone.
+
+    Returns:
+        True when the settings were applied (Linux with glibc), else False.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("SAMLIVER_MALLOC", "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    ok = mallopt(m_mmap_max, 0) == 1
+    ok = mallopt(m_trim_threshold, 1 << 30) == 1 and ok
+    ok = mallopt(m_top_pad, 64 << 20) == 1 and ok
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
+    import torch
+
+    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)]
+    return any(bool(f()) for f in checks if f is not None)
+
+
+def installed(backend: str) -> bool:
+    """Whether the optional package behind ``backend`` can be imported (torch always can)."""
+    if backend == "torch":
+        return True
+    if backend == "openvino":
+        return importlib.util.find_spec("openvino") is not None
+    if backend == "onnxruntime":
+        return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    raise SamliverError(f"Unknown backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}.")
+
+
+def resolve(backend: str | None, precision: str | None, device: str) -> tuple[str, str]:
+    """The (backend, precision) to use for ``device``.
+
+    Args:
+        backend: ``"auto"``/None (OpenVINO on CPU if installed, else ONNX Runtime, else torch;
+            torch on CUDA/MPS), or one of :data:`BACKENDS`. Env default: ``$SAMLIVER_BACKEND``.
+        precision: ``"auto"``/None (fp32: the only precision measured to keep masks within
+            Dice 0.995 of fp32), or one of :data:`PRECISIONS`. Env default: ``$SAMLIVER_PRECISION``.
+        device: the torch device the model lives on.
+
+    Returns:
+        (backend, precision), both concrete.
+
+    Raises:
+        SamliverError: an unknown name, a backend that is not installed, a CPU-only backend
+            asked for on a GPU, or a precision the backend cannot run.
+    """
+    backend = (backend or os.environ.get("SAMLIVER_BACKEND", "") or "auto").strip().lower()
+    precision = (precision or os.environ.get("SAMLIVER_PRECISION", "") or "auto").strip().lower()
+    if backend not in ("auto", *BACKENDS):
+        raise SamliverError(f"Unknown backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}.")
+    if precision not in ("auto", *PRECISIONS):
+        raise SamliverError(f"Unknown precision {precision!r}: choose one of auto, {', '.join(PRECISIONS)}.")
+    on_cpu = str(device).split(":")[0] == "cpu"
+    if backend == "auto":
+        if not on_cpu:
+            backend = "torch"
+        elif precision in ("auto", "fp32", "bf16", "int8") and installed("openvino"):
+            backend = "openvino"
+        elif precision in ("auto", "fp32") and installed("onnxruntime"):
+            backend = "onnxruntime"
+        else:
+            backend = "torch"
+    if precision == "auto":
+        precision = "fp32"
+    if backend != "torch" and not on_cpu:
+        raise SamliverError(f"Backend {backend!r} runs on the CPU; the model is on {device}. Use --backend torch.")
+    if backend != "torch" and not installed(backend):
+        raise SamliverError(
+            f"Backend {backend!r} is not installed: `pip install 'samliver[fast]'` (or choose --backend torch)."
+        )
+    if precision not in SUPPORTED[backend]:
+        raise SamliverError(
+            f"Backend {backend!r} does not run {precision}: it runs {', '.join(SUPPORTED[backend])}."
+            + (" int8 needs --backend openvino." if precision == "int8" else "")
+        )
+    if precision == "fp16" and on_cpu:
+        raise SamliverError("fp16 needs a GPU; on a CPU use --precision bf16 (native on recent CPUs) or fp32.")
+    if precision == "bf16" and on_cpu and not native_bf16():
+        # Emulated bf16 ran the encoder ~10x slower in torch, and OpenVINO silently runs f32.
+        raise SamliverError(
+            "This CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 would be emulated (slow) or "
+            "silently run as fp32. Use --precision fp32, or int8 with --backend openvino."
+        )
+    return backend, precision
+
+
+# ----------------------------------------------------------------------------------------------
+# the export cache
+
+
+def _export_key(model: Any, fmt: str, precision: str, extra: dict | None = None) -> dict:
+    key = {
+        "export_format": EXPORT_FORMAT,
+        "model": model.name,
+        "weights": model.weights_id,
+        "image_size": model.image_size,
+        "format": fmt,
+        "precision": precision,
+    }
+    key.update(extra or {})
+    return key
+
+
+def export_dir(model: Any) -> Path:
+    """``$SAMLIVER_HOME/backends/<model>/<weights sha[:16]>``: where a model's exports live."""
+    return cache_dir("backends", model.name, model.weights_id[:16])
+
+
+def _cached_export(model: Any, name: str, key: dict, build: Callable[[Path], list[str]]) -> Path:
+    """The folder ``export_dir(model)/name`` holding a verified export; built with ``build`` if needed.
+
+    ``build(tmp_folder)`` writes the files and returns their names; the folder is renamed into
+    place only when complete, with a ``key.json`` recording ``key`` and each file's SHA-256.
+    """
+    folder = export_dir(model) / name
+    key_file = folder / "key.json"
+    try:
+        stored = json.loads(key_file.read_text())
+        if stored.get("key") == key and all(
+            (folder / f).is_file() and sha256_file(folder / f) == digest for f, digest in stored["files"].items()
+        ):
+            return folder
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass  # missing or unreadable: rebuild below
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        with warnings.catch_warnings():
+            # Tracing warns about every Python-level shape check in the model's code; they are
+            # about the model authors' code and the export is checked by its key, not by eye.
+            warnings.simplefilter("ignore")
+            files = build(tmp)
+        atomic_write_text(tmp / "key.json", json.dumps(
+            {"key": key, "files": {f: sha256_file(tmp / f) for f in files}}, indent=1, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _example_input(model: Any):
+    import torch
+
+    return torch.zeros(1, 3, model.image_size, model.image_size)
+
+
+def export_onnx(model: Any) -> Path:
+    """The encoder as ONNX (batch 1, fp32), exported once per model and weights.
+
+    Returns:
+        The path of ``encoder.onnx`` inside the export cache.
+    """
+    import torch
+
+    def build(tmp: Path) -> list[str]:
+        # Batch 1: TinyViT's traced reshapes fix the batch size (a dynamic batch fails in ORT);
+        # batch 1 is also what measured fastest on a CPU.
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(model.image_encoder.cpu(), (_example_input(model),), str(tmp / "encoder.onnx"),
+                              dynamo=False, opset_version=17, input_names=["x"], output_names=["embedding"])
+        model.image_encoder.to(model.device)
+        return ["encoder.onnx"]
+
+    return _cached_export(model, "encoder-onnx", _export_key(model, "onnx", "fp32"), build) / "encoder.onnx"
+
+
+def _openvino_fp32_ir(model: Any) -> Path:
+    import openvino as ov
+    import torch
+
+    def build(tmp: Path) -> list[str]:
+        with torch.no_grad():
+            ov_model = ov.convert_model(model.image_encoder.cpu().eval(), example_input=_example_input(model))
+        model.image_encoder.to(model.device)
+        # compress_to_fp16=False: the default would round the weights to fp16 on disk.
+        ov.save_model(ov_model, str(tmp / "encoder.xml"), compress_to_fp16=False)
+        return ["encoder.xml", "encoder.bin"]
+
+    return _cached_export(model, "encoder-openvino-fp32", _export_key(model, "openvino-ir", "fp32"), build) / "encoder.xml"
+
+
+def calibration_batches(model: Any, n: int = CALIBRATION_SLICES) -> list[np.ndarray]:
+    """``n`` real CT slices (the bundled LiTS sample, spread over the liver), prepared for ``model``.
+
+    Returns:
+        A list of float32 arrays (1, 3, S, S).
+    """
+    from .preprocess import WINDOWS, window_to_unit
+    from .sample import load_sample
+
+    try:
+        volume = load_sample()
+    except SamliverError as err:
+        raise SamliverError(f"int8 calibration needs the sample CT: run `samliver fetch-sample` ({err}).") from err
+    rows = np.flatnonzero((volume.label > 0).any(axis=(1, 2))) if volume.label is not None else np.arange(len(volume.hu))
+    zs = rows[np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))]
+    return [model.prepare(window_to_unit(volume.hu[int(z)], WINDOWS["abdomen"]))[None].numpy() for z in zs]
+
+
+def _openvino_int8_ir(model: Any) -> Path:
+    import openvino as ov
+
+    def build(tmp: Path) -> list[str]:
+        try:
+            import nncf
+        except ImportError as err:
+            raise SamliverError("int8 needs NNCF: `pip install 'samliver[int8]'`.") from err
+        data = calibration_batches(model)
+        fp32 = ov.Core().read_model(str(_openvino_fp32_ir(model)))
+        # TRANSFORMER keeps softmax/layer-norm inputs in float and quantises the matmuls, which
+        # is where the time goes in TinyViT/ViT; the generic preset lost more mask Dice.
+        quantised = nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data),
+                                  model_type=nncf.ModelType.TRANSFORMER)
+        ov.save_model(quantised, str(tmp / "encoder.xml"), compress_to_fp16=False)
+        return ["encoder.xml", "encoder.bin"]
+
+    extra = {"calibration": f"LiTS sample, {CALIBRATION_SLICES} liver slices, abdomen window", "nncf": "transformer"}
+    return _cached_export(model, "encoder-openvino-int8", _export_key(model, "openvino-ir", "int8", extra), build) / "encoder.xml"
+
+
+# ----------------------------------------------------------------------------------------------
+# runners: callable(batch (B, 3, S, S) float32 tensor) -> (B, 256, h, w) float32 tensor
+
+
+class TorchEncoder:
+    """The encoder in eager torch; bf16/fp16 through autocast."""
+
+    def __init__(self, model: Any, precision: str) -> None:
+        import torch
+
+        self.module = model.image_encoder
+        self.device = model.device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # channels_last measured 1.27x on the CPU for the same output (the convolutions of
+        # TinyViT's first stages pick faster oneDNN kernels); on GPUs cuDNN decides anyway.
+        self.channels_last = str(self.device).split(":")[0] == "cpu"
+
+    def __call__(self, batch):
+        import torch
+
+        with torch.inference_mode():
+            batch = batch.to(self.device, dtype=torch.float32)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.dtype is not None:
+                with torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.dtype):
+                    out = self.module(batch)
+            else:
+                out = self.module(batch)
+            return out.float().contiguous()
+
+
+class OnnxRuntimeEncoder:
+    """The exported encoder in an ONNX Runtime CPU session (fp32)."""
+
+    def __init__(self, model: Any, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(export_onnx(model)), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch):
+        import torch
+
+        x = batch.detach().cpu().float().numpy()
+        return torch.cat([torch.from_numpy(self.session.run(None, {"x": x[i : i + 1]})[0]) for i in range(len(x))])
+
+
+class OpenVINOEncoder:
+    """The exported encoder compiled by OpenVINO for the CPU, at fp32 (explicit hint), bf16 or int8."""
+
+    def __init__(self, model: Any, precision: str, threads: int | None) -> None:
+        import openvino as ov
+
+        path = _openvino_int8_ir(model) if precision == "int8" else _openvino_fp32_ir(model)
+        config = {
+            # Without the hint OpenVINO runs bf16 on CPUs that have it: never silently inexact.
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch):
+        import torch
+
+        x = batch.detach().cpu().float().numpy()
+        out = []
+        for i in range(len(x)):
+            self.request.infer({0: x[i : i + 1]})
+            out.append(torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True)))
+        return torch.cat(out)
+
+
+def build_runner(model: Any, backend: str, precision: str, threads: int | None = None):
+    """The callable that encodes a batch for ``model`` on ``backend`` at ``precision``.
+
+    Args:
+        model: a :class:`samliver.models.SamModel`.
+        backend: one of :data:`BACKENDS` (already resolved).
+        precision: one of :data:`PRECISIONS` (already resolved).
+        threads: CPU threads for the inference engine (None: its default, one per core).
+
+    Returns:
+        callable(batch tensor (B, 3, S, S)) -> float32 tensor (B, 256, h, w) on the CPU
+        (torch: on the model's device).
+    """
+    if backend == "torch":
+        return TorchEncoder(model, precision)
+    if backend == "onnxruntime":
+        return OnnxRuntimeEncoder(model, threads)
+    if backend == "openvino":
+        return OpenVINOEncoder(model, precision, threads)
+    raise SamliverError(f"Unknown backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}.")
+
+
+def describe(backend: str, precision: str) -> str:
+    """A short label such as ``openvino/fp32`` for logs and tables."""
+    return f"{backend}/{precision}"
+

@@ -1,0 +1,125 @@
+"""Encoder backends (samliver.backends): choice, export cache, and results equal to torch fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from samliver import backends
+from samliver.embeddings import cache_key
+from samliver.models import get_model
+from samliver.util import SamliverError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tiny's random-weights warning
+        return get_model("tiny", device="cpu", backend="torch")
+
+
+def _copy(model, backend, precision):
+    return dataclasses.replace(model, backend=backend, precision=precision, _runner=None, _runner_for=())
+
+
+def test_resolve_auto_picks_an_exact_backend_on_cpu():
+    backend, precision = backends.resolve("auto", "auto", "cpu")
+    assert precision == "fp32"
+    expected = "openvino" if backends.installed("openvino") else "onnxruntime" if backends.installed("onnxruntime") else "torch"
+    assert backend == expected
+
+
+def test_resolve_gpu_uses_torch_and_rejects_cpu_engines():
+    assert backends.resolve("auto", "fp16", "cuda") == ("torch", "fp16")
+    assert backends.resolve(None, None, "cuda:0") == ("torch", "fp32")
+    with pytest.raises(SamliverError, match="runs on the CPU"):
+        backends.resolve("openvino" if backends.installed("openvino") else "onnxruntime", "fp32", "cuda")
+
+
+@pytest.mark.parametrize("backend, precision, message", [
+    ("tensorrt", "fp32", "Unknown backend"),
+    ("torch", "fp8", "Unknown precision"),
+    ("torch", "int8", "int8 needs --backend openvino"),
+    ("torch", "fp16", "fp16 needs a GPU"),
+])
+def test_resolve_rejects_bad_choices(backend, precision, message):
+    with pytest.raises(SamliverError, match=message):
+        backends.resolve(backend, precision, "cpu")
+
+
+def test_resolve_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("SAMLIVER_BACKEND", "torch")
+    monkeypatch.setenv("SAMLIVER_PRECISION", "fp32")
+    assert backends.resolve(None, None, "cpu") == ("torch", "fp32")
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_not_emulated(monkeypatch):
+    monkeypatch.setattr(backends, "native_bf16", lambda: False)
+    with pytest.raises(SamliverError, match="no native bfloat16"):
+        backends.resolve("torch", "bf16", "cpu")
+
+
+def test_tune_allocator_applies_on_linux():
+    import sys
+
+    assert backends.tune_allocator() is sys.platform.startswith("linux")
+
+
+def test_cache_key_names_backend_and_precision(tiny, small_phantom):
+    key_torch = cache_key(small_phantom, _copy(tiny, "torch", "fp32"))
+    key_bf16 = cache_key(small_phantom, _copy(tiny, "torch", "bf16"))
+    assert key_torch["backend"] == "torch" and key_torch["precision"] == "fp32"
+    assert key_torch != key_bf16
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_cpu_engines_match_torch_fp32(tiny, backend):
+    if not backends.installed(backend):
+        pytest.skip(f"{backend} not installed (pip install 'samliver[fast]')")
+    x = torch.randn(2, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(0))
+    ref = _copy(tiny, "torch", "fp32").encode(x)
+    out = _copy(tiny, backend, "fp32").encode(x)
+    assert out.shape == ref.shape == (2, 256, 64, 64) and out.dtype == torch.float32
+    assert float((out - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+
+
+def test_export_is_cached_and_rebuilt_when_corrupt(tiny):
+    if not backends.installed("openvino"):
+        pytest.skip("openvino not installed")
+    model = _copy(tiny, "openvino", "fp32")
+    x = torch.randn(1, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(1))
+    first = model.encode(x)
+    folder = backends.export_dir(model) / "encoder-openvino-fp32"
+    stamp = json.loads((folder / "key.json").read_text())
+    assert set(stamp["files"]) == {"encoder.xml", "encoder.bin"} and stamp["key"]["weights"] == tiny.weights_id
+    mtime = (folder / "encoder.bin").stat().st_mtime_ns
+    _copy(tiny, "openvino", "fp32").encode(x)  # a second model object reuses the export
+    assert (folder / "encoder.bin").stat().st_mtime_ns == mtime
+    (folder / "encoder.bin").write_bytes(b"\0" * 64)  # a damaged weights file must not be used
+    again = _copy(tiny, "openvino", "fp32").encode(x)
+    assert torch.allclose(first, again, atol=1e-5)
+    rebuilt = json.loads((folder / "key.json").read_text())["files"]
+    assert rebuilt["encoder.bin"] == stamp["files"]["encoder.bin"]  # the same weights written again
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_get_model_takes_backend_and_the_cli_option(monkeypatch, tmp_path, capsys):
+    from samliver import cli
+
+    monkeypatch.delenv("SAMLIVER_BACKEND", raising=False)
+    assert cli._take_global_options(["x", "--backend", "torch", "--precision=fp32", "y"]) == ["x", "y"]
+    import os
+
+    assert os.environ["SAMLIVER_BACKEND"] == "torch" and os.environ["SAMLIVER_PRECISION"] == "fp32"
+    rc = cli.main(["info", "sample", "--backend", "cuda"])
+    assert rc == 2 and "--backend 'cuda' is not one of" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = get_model("tiny", device="cpu", backend="torch", precision="fp32")
+    assert (model.backend, model.precision) == ("torch", "fp32")
+    assert np.isfinite(model.encode(torch.zeros(1, 3, 256, 256)).numpy()).all()
