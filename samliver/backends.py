@@ -60,38 +60,43 @@ CALIBRATION_SLICES = 16  # int8: real CT slices NNCF calibrates on (each costs t
 
 
 _ALLOCATOR_TUNED = False
+# glibc's documented defaults (mallopt(3)), restored by tune_allocator(False); the mmap threshold
+# is never set, so glibc keeps adjusting it dynamically as it does by default.
+_GLIBC_DEFAULTS = {"M_MMAP_MAX": 65536, "M_TRIM_THRESHOLD": 128 * 1024, "M_TOP_PAD": 128 * 1024}
+_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_MAX": -4}
 
 
-def tune_allocator() -> bool:
-    """Stop glibc's malloc from returning large buffers to the OS after every use.
+def tune_allocator(enable: bool = True) -> bool:
+    """Stop glibc's malloc from handing large buffers back to the OS after every use.
 
-    Why: an encoder forward allocates and frees the same large activations each slice. glibc
-    serves blocks above a dynamic threshold with ``mmap`` and unmaps them on ``free``, so each
-    slice faulted in ~400k fresh pages (~1 s of system time per slice on a 2-core EPYC).
-    ``M_MMAP_MAX = 0`` keeps them in the heap, and a 1 GiB trim threshold keeps the heap from
-    being shrunk between slices; measured: 0 page faults and ~0.004 s system time per slice,
-    bitwise-identical output (``docs/benchmark.md``). Memory is still reused, only not
-    returned to the OS between calls. Set ``SAMLIVER_MALLOC=default`` to leave malloc alone.
+    Why: an encoder forward allocates and frees the same large activations for every slice.
+    glibc serves big blocks with ``mmap`` and unmaps them on ``free`` (and trims the heap top),
+    so each slice faulted in ~400k fresh pages (~1 s of system time per slice on a 2-core EPYC;
+    ``make bench`` shows page faults per slice for every backend). ``M_MMAP_MAX = 0`` keeps
+    those blocks in the heap and a 1 GiB trim threshold keeps the heap from shrinking between
+    slices: 0 faults, the same bits out. Freed memory is still reused, only not returned to the
+    OS between calls. ``get_model`` calls this for CPU models; ``SAMLIVER_MALLOC=default``
+    opts out.
+
+    Args:
+        enable: True to apply the settings, False to restore glibc's defaults (the benchmark
+            times the bare loop both ways).
 
     Returns:
-        True when the settings were applied (Linux with glibc), else False.
+        True when the settings are now in force (Linux with glibc), else False.
     """
     global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    if os.environ.get("SAMLIVER_MALLOC", "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+    if enable and (os.environ.get("SAMLIVER_MALLOC", "").strip().lower() == "default"
+                   or not sys.platform.startswith("linux")):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    ok = mallopt(m_mmap_max, 0) == 1
-    ok = mallopt(m_trim_threshold, 1 << 30) == 1 and ok
-    ok = mallopt(m_top_pad, 64 << 20) == 1 and ok
-    _ALLOCATOR_TUNED = ok
-    return ok
+    values = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 1 << 30, "M_TOP_PAD": 64 << 20} if enable else _GLIBC_DEFAULTS
+    ok = all(mallopt(_MALLOPT[name], value) == 1 for name, value in values.items())
+    _ALLOCATOR_TUNED = bool(enable and ok)
+    return _ALLOCATOR_TUNED
 
 
 def native_bf16() -> bool:
@@ -319,17 +324,14 @@ class TorchEncoder:
         self.module = model.image_encoder
         self.device = model.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        # channels_last measured 1.27x on the CPU for the same output (the convolutions of
-        # TinyViT's first stages pick faster oneDNN kernels); on GPUs cuDNN decides anyway.
-        self.channels_last = str(self.device).split(":")[0] == "cpu"
 
     def __call__(self, batch):
         import torch
 
         with torch.inference_mode():
+            # No channels_last: it measured 1.27x on an AVX-512 CPU but 0.79x (CPU time) on
+            # an AVX2 one, so plain NCHW it stays.
             batch = batch.to(self.device, dtype=torch.float32)
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
             if self.dtype is not None:
                 with torch.autocast(device_type=str(self.device).split(":")[0], dtype=self.dtype):
                     out = self.module(batch)

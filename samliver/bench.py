@@ -260,6 +260,7 @@ def run_bench(
     """
     import torch
 
+    from .backends import tune_allocator
     from .embeddings import embed_volume
     from .evaluation import dice
     from .models import auto_num_threads, get_model
@@ -296,14 +297,29 @@ def run_bench(
     try:
         runnable = [c for c in candidates if callable(c[3])]
         runnable.insert(1, ("bare_again", "torch", "fp32", runnable[0][3], "the bare loop again, same rounds: must agree with bare"))
+        if tune_allocator():
+            def bare_glibc(batch, _bare=runnable[0][3]):
+                tune_allocator(False)
+                try:
+                    return _bare(batch)
+                finally:
+                    tune_allocator(True)
+
+            candidates.insert(2, ("bare_glibc_malloc", "torch", "fp32", bare_glibc,
+                                  "the bare loop with glibc's default malloc settings (before samliver.backends.tune_allocator)"))
+            runnable.insert(2, candidates[2])
         for name, _, _, fn, _ in runnable:  # warm-up (first-call allocations, lazy inits)
             fn(zs[:1]) if name == "default" else fn(x[:1])
         timings: dict[str, list[float]] = {c[0]: [] for c in runnable}
+        cpu_s: dict[str, list[float]] = {c[0]: [] for c in runnable}
+        faults: dict[str, list[float]] = {c[0]: [] for c in runnable}
         for _ in range(1 if quick else repeats):
             for name, _, _, fn, _ in runnable:
-                t0 = time.perf_counter()
+                f0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
                 fn(zs) if name == "default" else fn(x)
                 timings[name].append((time.perf_counter() - t0) / len(zs))
+                cpu_s[name].append((time.process_time() - c0) / len(zs))
+                faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(zs))
         # accuracy: embeddings and tight-box liver masks vs fp32 on the accuracy slices
         ref = runnable[0][3](x_acc).float().numpy()
         ref_masks = _masks(model, ref, volume, acc_zs)
@@ -323,12 +339,15 @@ def run_bench(
             scores = [dice(a, b) for a, b in zip(masks, ref_masks)]
             peak = peaks.get("int8" if precision == "int8" else precision) or peaks["fp32"]
             add(f"backend_{name}_s_per_slice", sec, "s/slice", f"{note}; {len(zs)} slices, median of {len(timings[name])} rounds")
+            add(f"backend_{name}_cpu_s_per_slice", statistics.median(cpu_s[name]), "cpu-s/slice",
+                "process CPU time (less sensitive to other load than the wall clock)")
+            add(f"backend_{name}_page_faults_per_slice", statistics.median(faults[name]), "faults", "minor page faults (allocator churn)")
             add(f"backend_{name}_x_bare", bare_s / sec, "x", "bare / this (>1: faster)")
             add(f"backend_{name}_pct_peak", 100 * enc_gflop / sec / peak, "%", f"achieved FLOP/s / the {precision} matmul peak measured above")
             add(f"backend_{name}_max_abs_diff", float(np.abs(out - ref).max()), "abs", "embedding vs bare fp32")
             add(f"backend_{name}_mask_dice_vs_fp32", float(np.mean(scores)), "dice",
                 f"tight liver box masks vs fp32 masks, mean of {len(scores)} slices; min {min(scores):.4f}")
-            if name not in ("bare", "default") and float(np.mean(scores)) >= 0.99 and (fastest is None or sec < fastest[1]):
+            if name not in ("bare", "default", "bare_glibc_malloc") and float(np.mean(scores)) >= 0.99 and (fastest is None or sec < fastest[1]):
                 fastest = (name, sec, float(np.mean(scores)))
         add("encoder_bare_s_per_slice", bare_s, "s/slice", "the bare loop (baseline of this run)")
         add("encoder_default_s_per_slice", statistics.median(timings["default"]), "s/slice",

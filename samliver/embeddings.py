@@ -188,16 +188,17 @@ def embed_volume(
     model,
     slices=None,
     window="abdomen",
-    batch_size: int = 4,
+    batch_size: int | None = None,
     progress: bool = True,
     cache_root: str | os.PathLike | None = None,
 ) -> VolumeEmbeddings:
     """Encode ``slices`` of ``volume`` (a CTVolume or (z, y, x) HU array) with ``model``, through the cache.
 
-    Defaults: all slices, the ``"abdomen"`` window (-160, 240 HU), 4 slices per encoder batch,
-    a tqdm progress bar, cache under ``$SAMLIVER_HOME/embeddings``. Only slices without a valid
-    cached embedding are computed, in batches through ``model.encode`` (inference mode; CPU
-    threads from ``model.num_threads``), each written as soon as its batch is done.
+    Defaults: all slices, the ``"abdomen"`` window (-160, 240 HU), :func:`default_batch_size`
+    slices per encoder call, a tqdm progress bar, cache under ``$SAMLIVER_HOME/embeddings``.
+    Only slices without a valid cached embedding are computed, through ``model.encode`` (its
+    backend and precision, :mod:`samliver.backends`; CPU threads from ``model.num_threads``),
+    each written as soon as its batch is done.
     """
     import torch
     from tqdm.auto import tqdm
@@ -214,7 +215,7 @@ def embed_volume(
     if not todo:
         return result
     lo, hi = key["window"]
-    batch_size = max(1, int(batch_size))
+    batch_size = default_batch_size(model) if batch_size is None else max(1, int(batch_size))
     with tqdm(total=len(todo), desc=f"encoding ({model.name})", unit="slice", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -224,6 +225,16 @@ def embed_volume(
                 _write_slice(result.slice_path(z), emb)
             bar.update(len(chunk))
     return result
+
+
+def default_batch_size(model) -> int:
+    """Slices per encoder call: 1 on a CPU, 16 on a GPU.
+
+    Why: on a CPU a bigger batch only makes every activation bigger (batch 4 measured 0.67x the
+    speed of batch 1 with torch; ONNX Runtime and OpenVINO exports run one slice per call
+    anyway), while a GPU needs the batch to fill its cores.
+    """
+    return 1 if str(model.device).split(":")[0] == "cpu" else 16
 
 
 def open_embeddings(volume, model, window="abdomen", cache_root: str | os.PathLike | None = None) -> VolumeEmbeddings:
@@ -285,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", default=None, help="e.g. 72-127 or 3,5,9 (default: all)")
     parser.add_argument("--liver-slices", action="store_true", help="only slices whose label contains liver")
     parser.add_argument("--window", default="abdomen", help="HU window name or lo,hi")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default: 1 on CPU, 16 on GPU)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
