@@ -204,7 +204,8 @@ def _parse_slices(slices, depth: int) -> list[int]:
     out = sorted({int(z) for z in slices})
     bad = [z for z in out if not 0 <= z < depth]
     if bad:
-        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}.")
+        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}: choose slices "
+                            "in that range.")
     return out
 
 

@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     out = check_output_path(args.output or default_output(args.volume),
                             inputs=(args.volume, args.head, args.checkpoint),
                             overwrite=args.overwrite, what="output")
-    ckpt = _read_checkpoint(args.head)
+    try:
+        ckpt = _read_checkpoint(args.head)
+    except SamliverError as err:
+        hint = "" if "samliver train" in str(err) else " Give a head written by `samliver train`."
+        raise SamliverError(f"{err}{hint}") from err
     volume = load_volume_arg(args.volume, series_uid=args.series_uid)
     name = args.model or ckpt.get("model_name") or "litemedsam"
     model = get_model(name, checkpoint=args.checkpoint, device=args.device)

@@ -114,6 +114,8 @@ def fetch_sample(force: bool = False) -> dict:
         try:
             info = json.loads(paths["info"].read_text())
             if info.get("sha256") == SHA256 and _niftis_intact(info, paths):
+                # the files checked are the ones in this folder: report those paths
+                info.update(image=str(paths["image"]), label=str(paths["label"]))
                 return info
         except (OSError, ValueError):
             pass  # rebuild below (a damaged NIfTI is rewritten from the checked wheel)

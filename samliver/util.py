@@ -158,9 +158,14 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), overwrite:
     except OSError as err:
         raise SamliverError(f"Cannot create the folder {parent} for {what} {out} ({err.strerror}). "
                             "Choose a writable location.") from err
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SamliverError(f"Folder {parent} is not writable, so {what} {out} cannot be written. "
-                            "Choose a writable location.")
+    # Probe with a real file: permission bits say nothing for root or on read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".samliver-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise SamliverError(f"Folder {parent} is not writable ({err.strerror}), so {what} {out} cannot "
+                            "be written. Choose a writable location.") from err
     return out
 
 
