@@ -24,6 +24,34 @@ import numpy as np
 from .util import SamliverError, fast_mode
 
 DEFAULT_HEAD = "outputs/head.pt"  # where `samliver demo` writes its trained head
+# `samliver app` records the folder it was started in: Voila runs the notebook in the package
+# folder, so relative paths typed by the user (and DEFAULT_HEAD) resolve against this instead.
+CWD_ENV = "SAMLIVER_APP_CWD"
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A path typed in the app, relative to the folder `samliver app` was started in.
+
+    Args:
+        path: absolute, ``~``-prefixed or relative path.
+
+    Returns:
+        An absolute path (relative ones joined to ``$SAMLIVER_APP_CWD``, else the cwd).
+    """
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(os.environ.get(CWD_ENV) or os.getcwd()) / p
+
+
+def port_free(ip: str, port: int) -> bool:
+    """True when a TCP server could listen on ``ip:port`` now."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            return False
+    return True
 
 
 def notebook_path() -> Path:
@@ -150,7 +178,7 @@ class App:
                 self.message("fetching the sample case ...")
                 volume = load_sample()
             else:
-                volume = load_volume(source)
+                volume = load_volume(user_path(source))
         except SamliverError as err:
             self.message(str(err), error=True)
             return False
@@ -192,20 +220,22 @@ class App:
 
         ``slices`` limits the prediction (default all; in FAST mode 16 slices around the middle).
         """
-        from .inference import format_burden, postprocess, predict_volume, tumour_burden
+        from .inference import (format_burden, load_head_checked, postprocess, predict_volume,
+                                tumour_burden)
         from .io import save_label_nifti
-        from .training import load_head
 
         if self.volume is None:
             self.message("Load a CT first.", error=True)
             return None
-        path = Path(head_path or "")
-        if not head_path or not path.is_file():
-            self.message(f"Head checkpoint {head_path!r} not found: train one with `samliver demo` "
-                         "(writes outputs/head.pt) or `samliver train`, then give its path.", error=True)
+        path = user_path(head_path) if head_path else None
+        if path is None or not path.is_file():
+            self.message(f"Head checkpoint {head_path!r} not found (looked for {path}): train one with "
+                         "`samliver demo` (writes outputs/head.pt in the folder you run it from, so "
+                         "start `samliver app` there) or `samliver train`, then give its path.",
+                         error=True)
             return None
         try:
-            head = load_head(path, self.model)
+            head = load_head_checked(path, self.model)
             depth = self.volume.hu.shape[0]
             if slices is None and fast_mode():
                 slices = list(range(max(0, depth // 2 - 8), min(depth, depth // 2 + 8)))
@@ -264,8 +294,9 @@ def build_app(**kwargs) -> App:
 def voila_command(port: int = 8866, ip: str = "127.0.0.1", notebook: str | os.PathLike | None = None) -> list[str]:
     """The command line that serves the app notebook with Voila."""
     nb = Path(notebook) if notebook else notebook_path()
-    return [sys.executable, "-m", "voila", str(nb), f"--port={port}", "--no-browser",
-            f"--Voila.ip={ip}", "--theme=light"]
+    # port_retries=0: fail on a taken port rather than serve on another one than we print
+    return [sys.executable, "-m", "voila", str(nb), f"--port={port}", "--Voila.port_retries=0",
+            "--no-browser", f"--Voila.ip={ip}", "--theme=light"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,12 +314,20 @@ def main(argv: list[str] | None = None) -> int:
             import voila  # noqa: F401
         except ImportError as err:
             raise SamliverError("Voila is not installed: `pip install 'samliver[ui]'`.") from err
+    from .util import check_number
+
+    check_number("--port", args.port, minimum=1, maximum=65535)
     cmd = voila_command(args.port, args.ip)
     if args.print_command:
         print(" ".join(cmd))
         return 0
+    # Voila would silently move to the next free port, and the URL printed here would be wrong.
+    if not port_free(args.ip, args.port):
+        raise SamliverError(f"Port {args.port} on {args.ip} is already in use (another samliver app?). "
+                            f"Stop that server or choose another port with --port {args.port + 1}.")
     print(f"samliver app: serving on http://{args.ip}:{args.port}/ (Ctrl-C to stop)")
+    env = {**os.environ, CWD_ENV: os.environ.get(CWD_ENV) or os.getcwd()}
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0

@@ -90,8 +90,22 @@ def main(argv: list[str] | None = None) -> int:
         rest = _take_global_options(rest)
         return int(module.main(rest) or 0)
     except SamliverError as err:
-        print(f"samliver {name}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(name, str(err))
+    except OSError as err:
+        # A file-system refusal (permissions, disk full, a vanished file) is the user's to fix,
+        # and a traceback would hide the one fact that matters: which path and why.
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return _fail(name, f"{err.strerror or err}{where}. Check that the path exists and is "
+                           "writable, and that the disk has space.")
+    except KeyboardInterrupt:
+        print(f"samliver {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(name: str, message: str) -> int:
+    """Print ``message`` as one line (a user error never spans lines) and return exit code 2."""
+    print(f"samliver {name}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

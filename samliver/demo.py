@@ -212,10 +212,16 @@ def step_predict(ctx: DemoContext) -> None:
                          postprocess_label=False, progress=False)
     pred = np.zeros_like(raw)
     pred[test] = postprocess(raw[test])
-    ctx.results["prediction"] = pred
-    path = save_label_nifti(pred, ctx.volume, ctx.out_dir / "prediction.nii.gz")
+    ctx.results["prediction"] = pred  # test slices only: what step_evaluate scores
+    # The exported label is what a user wants from K labelled slices: their own labels where
+    # they gave them, the head's prediction everywhere else (never empty labelled slices).
+    train = ctx.results["split"]["train"]
+    export = pred.copy()
+    export[train] = ctx.volume.label[train]
+    path = save_label_nifti(export, ctx.volume, ctx.out_dir / "prediction.nii.gz")
     ctx.outputs.append(path)
-    print(f"wrote {path}")
+    print(f"wrote {path} (your labels on the {len(train)} labelled slices, the head's prediction "
+          "on the others)")
 
 
 def step_evaluate(ctx: DemoContext) -> None:

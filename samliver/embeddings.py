@@ -133,25 +133,51 @@ class VolumeEmbeddings:
 _EMB_SHAPE = (256, 64, 64)
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_suffix(".crc32")
+
+
+def _crc(arr: np.ndarray) -> str:
+    import zlib
+
+    return f"{zlib.crc32(np.ascontiguousarray(arr).view(np.uint8)):08x}"
+
+
 def _read_slice(path: Path) -> np.ndarray | None:
-    """Memory-map one slice file; None when it is missing, truncated or of the wrong dtype/shape."""
+    """Memory-map one slice file; None when it is missing, truncated, of the wrong dtype/shape,
+    or its body does not match the CRC-32 recorded when it was written.
+
+    The CRC (about 1 ms per 2 MiB slice) catches a file whose header is valid but whose body was
+    overwritten or damaged (NaN, zeros, another slice); such an entry is recomputed, never used.
+    Entries without a checksum file (an interrupted write, or an older samliver) count as missing.
+    """
     if not path.is_file():
         return None
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        expected = _checksum_path(path).read_text().strip()
     except (ValueError, OSError, EOFError):
         return None
     if arr.dtype != np.float16 or arr.shape != _EMB_SHAPE:
+        return None
+    if _crc(arr) != expected:
         return None
     return arr
 
 
 def _write_slice(path: Path, emb: np.ndarray) -> None:
+    """Write one slice embedding and then its CRC-32 (both atomically); refuses non-finite values."""
     emb = np.ascontiguousarray(emb, dtype=np.float16)
     if emb.shape != _EMB_SHAPE:
         raise SamliverError(f"Encoder returned an embedding of shape {emb.shape}, expected {_EMB_SHAPE}.")
+    if not np.all(np.isfinite(emb)):
+        raise SamliverError(
+            f"The encoder returned NaN or infinite values for {path.name} (overflow in float16, or "
+            "broken weights); nothing was cached. Check the model checkpoint and --device.")
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, emb)
+    # written second: a crash in between leaves a slice without a checksum, which is recomputed
+    atomic_write_text(_checksum_path(path), _crc(emb))
 
 
 def _prepare_cache_folder(root: Path, key: dict) -> Path:
@@ -179,7 +205,8 @@ def _parse_slices(slices, depth: int) -> list[int]:
     out = sorted({int(z) for z in slices})
     bad = [z for z in out if not 0 <= z < depth]
     if bad:
-        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}.")
+        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}: choose slices "
+                            "in that range.")
     return out
 
 
@@ -266,55 +293,67 @@ def parse_slice_spec(spec: str | None, depth: int) -> list[int] | None:
         if not part:
             continue
         try:
-            if "-" in part:
+            if "-" in part[1:]:
                 a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
+                a, b = int(a), int(b)
             else:
-                out.add(int(part))
+                a = b = int(part)
         except ValueError as err:
             raise SamliverError(f"Cannot read slice list {spec!r}: use e.g. 72-127 or 3,5,9.") from err
+        if b < a:
+            raise SamliverError(f"Slice range {part!r} runs backwards: write it low-high, e.g. {b}-{a}.")
+        out.update(range(a, b + 1))
+    if not out:
+        raise SamliverError(f"Slice list {spec!r} names no slices: use e.g. 72-127 or 3,5,9.")
     return _parse_slices(out, depth)
 
 
-def load_volume_arg(path: str):
-    """A CLI VOLUME argument: ``sample`` = the bundled LiTS case, else any file samliver.io reads."""
-    if path == "sample":
-        from .sample import load_sample
+def load_volume_arg(path: str, label: str | None = None, *, series_uid: str | None = None):
+    """A CLI VOLUME argument (kept here for callers): see :func:`samliver.io.load_volume_arg`."""
+    from .io import load_volume_arg as resolve
 
-        return load_sample()
-    from .io import load_volume
-
-    return load_volume(path)
+    return resolve(path, label, series_uid=series_uid)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``samliver embed VOLUME [--model M] [--slices 72-127] [--window abdomen]``."""
+    from .io import SERIES_UID_HELP
+    from .util import check_number, parse_window_arg
+
     parser = argparse.ArgumentParser(prog="samliver embed", description="Compute and cache image embeddings.")
     parser.add_argument("volume", help="a NIfTI file, DICOM folder, .mrc file, or 'sample'")
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint", default=None, help="weights file (default: the model's own)")
     parser.add_argument("--slices", default=None, help="e.g. 72-127 or 3,5,9 (default: all)")
     parser.add_argument("--liver-slices", action="store_true", help="only slices whose label contains liver")
-    parser.add_argument("--window", default="abdomen", help="HU window name or lo,hi")
+    parser.add_argument("--window", default="abdomen",
+                        help="HU window name or lo,hi (e.g. --window=-160,240)")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default: 1 on CPU, 16 on GPU)")
+    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    # every option is checked before the volume is read or a model loaded
+    window = parse_window_arg(args.window)
+    if args.batch_size is not None:
+        check_number("--batch-size", args.batch_size, minimum=1)
 
     from .models import get_model
 
-    volume = load_volume_arg(args.volume)
-    window = args.window
-    if "," in window:
-        window = tuple(float(v) for v in window.split(","))
+    volume = load_volume_arg(args.volume, series_uid=args.series_uid)
     zs = parse_slice_spec(args.slices, volume.shape[0])
     if args.liver_slices:
         if volume.label is None:
             raise SamliverError(f"{args.volume} has no label: --liver-slices needs one.")
         liver = [int(z) for z in np.flatnonzero((volume.label > 0).any(axis=(1, 2)))]
         zs = sorted(set(liver) & set(zs)) if zs is not None else liver
+        if not zs:
+            raise SamliverError(f"No slice of {args.volume} in --slices holds liver: widen --slices.")
     model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    cached = set(open_embeddings(volume, model, window=window).slices)
     t0 = time.perf_counter()
     emb = embed_volume(volume, model, slices=zs, window=window, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
-    print(f"{len(emb.slices)} slices embedded with {model.name} in {dt:.1f} s -> {emb.path}")
+    computed = len([z for z in emb.slices if z not in cached])
+    print(f"{computed} slices embedded, {len(emb.slices) - computed} reused from the cache, with "
+          f"{model.name} in {dt:.1f} s -> {emb.path}")
     return 0

@@ -391,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: rebuild the CSV / Markdown / PNG from finished runs "
                         "(experiment.partial.jsonl files, or --json output), e.g. of an "
                         "interrupted grid or of protocols run in parallel")
+    p.add_argument("--series-uid", help="DICOM SeriesInstanceUID when the folder holds several "
+                                         "(or pass one .dcm file)")
     args = p.parse_args(argv)
+    from .util import check_number
+
+    check_number("--steps", args.steps, minimum=1)
+    check_number("--views", args.views, minimum=0)
+    check_number("--self-train", args.self_train, minimum=0)
     if args.report:
         records = read_records(args.report)
         paths = write_outputs(records, args.output_dir)
@@ -424,14 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .embeddings import embed_volume
 
-        if args.volume:
-            from .io import load_volume
+        from .io import load_volume_arg
 
-            volume = load_volume(args.volume, args.label)
-        else:
-            from .sample import load_sample
-
-            volume = load_sample()
+        volume = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
         if volume.label is None:
             raise SamliverError(f"{volume.source} has no label: the experiment needs one "
                                 "(pass --label).")

@@ -57,16 +57,23 @@ def predict_volume(volume: Any, model: Any, head: Any, *, embeddings: Any = None
     ``postprocess_label`` (default True) applies :func:`postprocess`; ``tta`` (default False)
     averages with the left-right flipped input. ``min_lesion_size`` (voxels, default
     :data:`MIN_LESION_VOXELS`) goes to :func:`postprocess`.
+
+    With a subset of ``slices``, post-processing sees only the predicted slices, stacked in
+    order: the empty slices between them (e.g. the labelled ones) would otherwise cut the liver
+    into slabs and "largest 3D component" would drop all but one slab.
     """
+    if slices is not None:
+        slices = sorted({int(z) for z in slices})
     zs, probs = predict_probabilities(volume, model, head, embeddings=embeddings, slices=slices,
                                       batch_size=batch_size, progress=progress, tta=tta)
     label = np.zeros(volume.hu.shape, np.uint8)
-    if len(zs):
-        label[zs] = probs.argmax(1).astype(np.uint8)
-    if not postprocess_label:
+    if not len(zs):
         return label
-    return postprocess(label, min_lesion_size=MIN_LESION_VOXELS if min_lesion_size is None
-                       else min_lesion_size)
+    label[zs] = probs.argmax(1).astype(np.uint8)
+    if postprocess_label:
+        label[zs] = postprocess(label[zs], min_lesion_size=MIN_LESION_VOXELS if min_lesion_size
+                                is None else min_lesion_size)
+    return label
 
 
 MIN_LESION_VOXELS = 10
@@ -150,12 +157,55 @@ def format_burden(burden: dict) -> str:
             f"{burden['tumour_volume']:g} {u} = {100 * burden['tumour_share']:.1f}% of the liver")
 
 
+def load_head_checked(path: str | Path, model: Any, device: str | None = None) -> Any:
+    """:func:`samliver.training.load_head`, with a damaged checkpoint as a one-line error.
+
+    A checkpoint whose weights do not fit its declared head kind (edited, or mixed up) makes
+    torch raise mid-load; the user can only replace the file, so say that.
+    """
+    from .training import load_head
+
+    try:
+        return load_head(path, model, device=device)
+    except SamliverError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SamliverError(f"Head checkpoint {path} does not match its own head kind or shape "
+                            f"({first}). Retrain it with `samliver train`.") from err
+
+
+def default_output(volume_arg: str) -> Path:
+    """Where ``predict`` writes without ``-o``: beside the volume, ``<stem>_samliver.nii.gz``.
+
+    The sample case (``sample``) writes to ``./outputs/``. A DICOM folder writes beside the
+    folder; a ``.dcm`` file beside its series folder.
+    """
+    if volume_arg == "sample":
+        return Path("outputs") / "sample_samliver.nii.gz"
+    src = Path(volume_arg).expanduser()
+    if src.suffix.lower() == ".dcm":
+        src = src.parent
+    if src.is_dir():
+        return src.parent / f"{src.resolve().name}_samliver.nii.gz"
+    stem = src.name.split(".")[0] or src.name
+    return src.parent / f"{stem}_samliver.nii.gz"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``samliver predict VOLUME --head CKPT [-o mask.nii.gz]``: segment a whole volume."""
+    from .io import SERIES_UID_HELP
+    from .util import check_number, check_output_path
+
     p = argparse.ArgumentParser(prog="samliver predict", description=main.__doc__)
-    p.add_argument("volume", help="CT volume: NIfTI, DICOM folder or .mrc")
+    p.add_argument("volume", help="CT volume: NIfTI, DICOM folder, .mrc or 'sample'")
     p.add_argument("--head", required=True, help="head checkpoint from `samliver train`")
-    p.add_argument("-o", "--output", help="output label NIfTI (default: <volume>_samliver.nii.gz)")
+    p.add_argument("-o", "--output",
+                   help="output label NIfTI (default: <stem>_samliver.nii.gz beside the volume; "
+                        "./outputs/sample_samliver.nii.gz for 'sample'). Never written over the "
+                        "input; an existing file only with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--series-uid", help=SERIES_UID_HELP)
     p.add_argument("--model", help="model name (default: the one the head was trained for)")
     p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
     p.add_argument("--no-postprocess", action="store_true")
@@ -166,22 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the tumour burden as JSON")
     args = p.parse_args(argv)
 
-    from .io import load_volume, save_label_nifti
+    from .io import load_volume_arg, save_label_nifti
     from .models import get_model
-    from .training import _read_checkpoint, load_head
+    from .training import _read_checkpoint
 
-    ckpt = _read_checkpoint(args.head)
+    # Everything that can be refused is refused before the model loads and slices encode.
+    check_number("--min-lesion-size", args.min_lesion_size, minimum=0)
+    out = check_output_path(args.output or default_output(args.volume),
+                            inputs=(args.volume, args.head, args.checkpoint),
+                            overwrite=args.overwrite, what="output")
+    try:
+        ckpt = _read_checkpoint(args.head)
+    except SamliverError as err:
+        hint = "" if "samliver train" in str(err) else " Give a head written by `samliver train`."
+        raise SamliverError(f"{err}{hint}") from err
+    volume = load_volume_arg(args.volume, series_uid=args.series_uid)
     name = args.model or ckpt.get("model_name") or "litemedsam"
     model = get_model(name, checkpoint=args.checkpoint, device=args.device)
-    head = load_head(args.head, model, device=args.device)
-    volume = load_volume(args.volume)
+    head = load_head_checked(args.head, model, device=args.device)
     label = predict_volume(volume, model, head, postprocess_label=not args.no_postprocess,
                            min_lesion_size=args.min_lesion_size)
-    out = args.output
-    if not out:
-        src = Path(args.volume)
-        stem = src.name.split(".")[0] if src.suffix else src.name
-        out = str(Path("outputs") / f"{stem}_samliver.nii.gz")
     path = save_label_nifti(label, volume, out)
     burden = tumour_burden(label, volume.spacing)
     if args.json:

@@ -25,6 +25,9 @@ CANONICAL_AXCODES = ("L", "P", "I")
 # Sidecar written next to a NIfTI file to record facts the header cannot (e.g. "spacing unknown").
 SIDECAR_SUFFIX = ".samliver.json"
 LABEL_VALUES = (0, 1, 2)
+# Values a CT in Hounsfield units can hold: 16-bit storage after rescale (signed min, unsigned
+# max). Anything beyond is not HU (a wrong file, or raw values without rescale).
+HU_RANGE = (-32768, 65535)
 
 
 @dataclass
@@ -180,6 +183,18 @@ def _dicom_files(folder: Path) -> list:
     return found
 
 
+def _series_of_file(path: Path) -> str:
+    """The SeriesInstanceUID of one ``.dcm`` file (a path to a file selects its series)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for bad files
+        raise SamliverError(f"{path} is not a readable DICOM file ({type(err).__name__}). Pass the "
+                            "series folder or another slice of it.") from err
+    return str(getattr(ds, "SeriesInstanceUID", "unknown"))
+
+
 def list_dicom_series(folder: str | os.PathLike) -> dict[str, int]:
     """SeriesInstanceUID -> number of image slices found under ``folder``."""
     out: dict[str, int] = {}
@@ -187,6 +202,92 @@ def list_dicom_series(folder: str | os.PathLike) -> dict[str, int]:
         uid = str(getattr(ds, "SeriesInstanceUID", "unknown"))
         out[uid] = out.get(uid, 0) + 1
     return out
+
+
+# Slice positions may differ from an even spacing by this much (mm) plus 1 % of the step:
+# DICOM stores positions as decimal strings, rounded by the exporter.
+_POSITION_TOLERANCE_MM = 0.01
+
+
+def _pixel_spacing(ds, file: Path) -> tuple[float, float]:
+    """Row and column spacing (mm) of a DICOM slice; a clear error when the tag is missing."""
+    value = getattr(ds, "PixelSpacing", None)
+    try:
+        dr, dc = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SamliverError(
+            f"{file} has no valid PixelSpacing tag, so pixel sizes (mm) are unknown. Re-export the "
+            "series with PixelSpacing, or convert it to NIfTI with the spacing you know."
+        ) from None
+    if not (dr > 0 and dc > 0 and np.isfinite(dr) and np.isfinite(dc)):
+        raise SamliverError(f"{file} has PixelSpacing {dr}, {dc}; it must be positive. Fix the export.")
+    return dr, dc
+
+
+def _check_series_geometry(items: list, series_uid: str, folder: Path) -> tuple:
+    """Sort a series' slices along their normal and check the stack is a regular grid.
+
+    Refuses, naming the problem: differing orientations, positions off the slice normal
+    (gantry tilt), two slices at one position, and uneven steps (a missing file, varying
+    thickness). samliver never resamples silently: a wrong spacing would make every position,
+    exported label and mL volume wrong.
+
+    Returns:
+        ``(iop, positions, normal, items)`` with ``items``/``positions`` sorted along the normal.
+    """
+    def floats(ds, tag: str, n: int, file: Path) -> np.ndarray:
+        try:
+            out = np.array([float(v) for v in getattr(ds, tag)], dtype=np.float64)
+        except (TypeError, ValueError):
+            out = np.zeros(0)
+        if out.shape != (n,) or not np.all(np.isfinite(out)):
+            raise SamliverError(f"{file} has an invalid {tag} tag; fix or re-export the series.")
+        return out
+
+    iops = [floats(ds, "ImageOrientationPatient", 6, f) for f, ds in items]
+    iop = iops[0]
+    for (file, _), other in zip(items, iops):
+        if not np.allclose(other, iop, atol=1e-4):
+            raise SamliverError(
+                f"Series {series_uid} in {folder} mixes slice orientations ({file.name} differs): "
+                "export one series with a single orientation.")
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise SamliverError(f"Series {series_uid} in {folder} has an invalid ImageOrientationPatient "
+                            f"{iop.tolist()}; fix the export.")
+    positions = [floats(ds, "ImagePositionPatient", 3, f) for f, ds in items]
+    order = np.argsort([float(p @ normal) for p in positions], kind="stable")
+    items = [items[i] for i in order]
+    positions = [positions[i] for i in order]
+    if len(positions) < 2:
+        return iop, positions, normal, items
+    proj = np.array([p @ normal for p in positions])
+    steps = np.diff(proj)
+    names = [f.name for f, _ in items]
+    same = np.flatnonzero(steps < 1e-3)
+    if same.size:
+        i = int(same[0])
+        raise SamliverError(
+            f"Series {series_uid} in {folder}: {names[i]} and {names[i + 1]} lie at the same position "
+            f"({proj[i]:.2f} mm); the folder may hold duplicates or two acquisitions. Keep one file "
+            "per slice position.")
+    offsets = np.diff(np.array(positions), axis=0)
+    off_normal = np.linalg.norm(offsets - np.outer(steps, normal), axis=1)
+    if np.any(off_normal > _POSITION_TOLERANCE_MM + 0.01 * steps):
+        raise SamliverError(
+            f"Series {series_uid} in {folder}: slice positions do not follow the slice normal (gantry "
+            f"tilt of up to {np.degrees(np.arctan2(off_normal.max(), steps.min())):.1f} deg). samliver "
+            "reads only untilted stacks: correct the tilt (e.g. dcm2niix) and load the NIfTI.")
+    step = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - step) > _POSITION_TOLERANCE_MM + 0.01 * step)
+    if uneven.size:
+        i = int(uneven[0])
+        raise SamliverError(
+            f"Series {series_uid} in {folder} has uneven slice spacing: {steps[i]:.3f} mm between "
+            f"{names[i]} ({proj[i]:.2f} mm) and {names[i + 1]} ({proj[i + 1]:.2f} mm), where the "
+            f"usual step is {step:.3f} mm (a missing or extra file?). Load the complete series, or "
+            "resample it to even spacing (e.g. dcm2niix) and load the NIfTI.")
+    return iop, positions, normal, items
 
 
 def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -207,34 +308,27 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
             listing = "; ".join(f"{uid} ({len(v)} slices)" for uid, v in sorted(series.items()))
             raise SamliverError(
                 f"{folder} holds {len(series)} DICOM series: {listing}. Choose one with "
-                "series_uid=... (CLI: --series-uid UID)."
+                "series_uid=... (CLI: --series-uid UID, or pass one of its .dcm files)."
             )
         series_uid = next(iter(series))
     if series_uid not in series:
         raise SamliverError(
-            f"Series {series_uid} is not in {folder}; found: {', '.join(sorted(series))}."
+            f"Series {series_uid} is not in {folder}; found: {', '.join(sorted(series))}. "
+            "Pass one of these to --series-uid."
         )
     items = series[series_uid]
-    iop = np.array([float(v) for v in items[0][1].ImageOrientationPatient], dtype=np.float64)
+    iop, positions, normal, items = _check_series_geometry(items, series_uid, folder)
     row_cos, col_cos = iop[:3], iop[3:]  # direction of increasing column / row index
-    normal = np.cross(row_cos, col_cos)
-    positions = [np.array([float(v) for v in ds.ImagePositionPatient]) for _, ds in items]
-    order = np.argsort([float(p @ normal) for p in positions], kind="stable")
-    items = [items[i] for i in order]
-    positions = [positions[i] for i in order]
-    proj = np.array([p @ normal for p in positions])
-    if len(proj) > 1 and np.any(np.diff(proj) < 1e-6):
-        raise SamliverError(
-            f"Series {series_uid} in {folder} has slices at the same position; it may mix "
-            "acquisitions. Export a single series with unique slice positions."
-        )
+    dr, dc = _pixel_spacing(items[0][1], items[0][0])
     slices = []
     for file, _ in items:
         try:
             ds = pydicom.dcmread(str(file))
             arr = ds.pixel_array
         except Exception as err:
-            raise SamliverError(f"Cannot read pixel data of {file} ({err}).") from err
+            raise SamliverError(f"Cannot read pixel data of {file} ({type(err).__name__}: {err}). "
+                                "The file may be truncated or compressed with a codec pydicom lacks: "
+                                "export it again (uncompressed).") from err
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
         if arr.ndim != 2:
@@ -242,9 +336,9 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
         slices.append(arr.astype(np.float32) * np.float32(slope) + np.float32(intercept))
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
-        raise SamliverError(f"Slices of series {series_uid} in {folder} differ in size: {sorted(shapes)}.")
+        raise SamliverError(f"Slices of series {series_uid} in {folder} differ in size: {sorted(shapes)}. "
+                            "Export one series whose slices share one size.")
     hu = np.stack(slices)  # (z, y, x) in sorted order
-    dr, dc = (float(v) for v in items[0][1].PixelSpacing)
     if len(positions) > 1:
         step = (positions[-1] - positions[0]) / (len(positions) - 1)
     else:
@@ -293,12 +387,24 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None
 # ----------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------
+def _unit_voxels_unknown_units(meta: dict, spacing: tuple) -> bool:
+    """True for a NIfTI whose voxels are exactly 1 with no spatial unit: spacing never recorded.
+
+    This is what a writer produces when it does not know the spacing (e.g. our own files
+    uploaded without their sidecar); calling it 1 mm would make every mL figure up.
+    """
+    unit = (meta.get("xyzt_units") or (None,))[0]
+    return unit in (None, "unknown") and np.allclose(spacing, 1.0, atol=1e-6)
+
+
 def _read_any(path: Path, series_uid: str | None, dtype) -> tuple[np.ndarray, tuple | None, np.ndarray | None, dict]:
     """Data ``(z, y, x)``, spacing, zyx affine and meta for any supported source."""
     if not path.exists():
         raise SamliverError(f"{path} does not exist. Check the path (NIfTI file, DICOM folder or .mrc).")
     if path.is_dir() or path.suffix.lower() == ".dcm":
         folder = path if path.is_dir() else path.parent
+        if series_uid is None and not path.is_dir():
+            series_uid = _series_of_file(path)
         data, affine, meta = _read_dicom(folder, series_uid)
         data = data if dtype is None else data.astype(dtype, copy=False)
         return data, _spacing_from_affine(affine), affine, meta
@@ -306,7 +412,7 @@ def _read_any(path: Path, series_uid: str | None, dtype) -> tuple[np.ndarray, tu
         data, affine, meta = _read_nifti(path, dtype=dtype)
         side = _read_sidecar(path)
         spacing = _spacing_from_affine(affine)
-        if "spacing" in side and side["spacing"] is None:
+        if ("spacing" in side and side["spacing"] is None) or _unit_voxels_unknown_units(meta, spacing):
             # the file carries unit voxels only because NIfTI needs some affine
             spacing, affine = None, None
         meta["sidecar"] = side
@@ -358,6 +464,12 @@ def load_volume(
     hu, spacing, affine, meta = _read_any(path, series_uid, np.float32)
     if not np.all(np.isfinite(hu)):
         raise SamliverError(f"{path} holds NaN or infinite values. Check the export.")
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
+        raise SamliverError(
+            f"{path} holds values {lo:.4g}..{hi:.4g}, outside the Hounsfield range a CT can hold "
+            f"({HU_RANGE[0]}..{HU_RANGE[1]}): it is not a CT in HU (wrong file, or missing rescale "
+            "slope/intercept). Convert it to HU first.")
     label = None
     if label_path is not None:
         label_path = Path(label_path).expanduser()
@@ -374,6 +486,32 @@ def load_volume(
             )
         label = check_label(lab, where=f"Label {label_path}")
     return CTVolume(hu=hu, spacing=spacing, affine=affine, label=label, source=str(path), meta=meta)
+
+
+SERIES_UID_HELP = "DICOM SeriesInstanceUID when the folder holds several (or pass one .dcm file)"
+
+
+def load_volume_arg(path: str | os.PathLike | None, label: str | os.PathLike | None = None, *,
+                    series_uid: str | None = None) -> CTVolume:
+    """The one resolver for every command's VOLUME argument.
+
+    Args:
+        path: ``"sample"`` or None (the bundled LiTS case with its label), a NIfTI file, a
+            DICOM folder (or one ``.dcm`` file: its series) or an ``.mrc`` file.
+        label: optional label file for ``path`` (not with the sample, which has its own).
+        series_uid: the DICOM series to read when the folder holds several.
+
+    Returns:
+        The loaded :class:`CTVolume`.
+    """
+    if path is None or str(path) == "sample":
+        if label is not None or series_uid is not None:
+            raise SamliverError("The sample case has its own label and no DICOM series: drop "
+                                "--label / --series-uid, or give a volume path.")
+        from .sample import load_sample
+
+        return load_sample()
+    return load_volume(path, label, series_uid=series_uid)
 
 
 def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.PathLike) -> Path:
@@ -415,7 +553,8 @@ def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.Pat
         else:
             affine_zyx = _default_affine_zyx(volume.spacing)
         img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), _zyx_to_xyz_affine(affine_zyx))
-        img.header.set_xyzt_units("mm")
+        # unknown spacing stays unknown: unit voxels without a unit, as load_volume reads back
+        img.header.set_xyzt_units("mm" if volume.spacing is not None else "unknown")
     img.header.set_data_dtype(np.uint8)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
@@ -513,12 +652,12 @@ def format_summary(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``samliver info VOLUME [--label LABEL] [--series-uid UID] [--json]``."""
     parser = argparse.ArgumentParser(prog="samliver info", description="Summarise a CT volume.")
-    parser.add_argument("volume", help="NIfTI file, DICOM series folder or .mrc file")
+    parser.add_argument("volume", help="NIfTI file, DICOM series folder, .mrc file or 'sample'")
     parser.add_argument("--label", help="label volume (0 background, 1 liver, 2 tumour)")
-    parser.add_argument("--series-uid", help="DICOM SeriesInstanceUID when the folder holds several")
+    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    vol = load_volume(args.volume, args.label, series_uid=args.series_uid)
+    vol = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
     summary = summarise_volume(vol)
     if vol.meta.get("format") == "dicom":
         summary["series_uid"] = vol.meta["series_uid"]

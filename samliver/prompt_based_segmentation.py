@@ -246,31 +246,52 @@ def _save_overlay(slice_hu: np.ndarray, mask: np.ndarray, path: Path, box=None, 
 
 def main(argv: list[str] | None = None) -> int:
     """``samliver segment VOLUME --slice Z (--box x0 y0 x1 y1 | --point x y [--negative x y]) -o mask.nii.gz``."""
+    from .io import SERIES_UID_HELP
+    from .util import check_output_path, parse_window_arg
+
     parser = argparse.ArgumentParser(prog="samliver segment", description="Segment one slice from a box or points.")
     parser.add_argument("volume", help="a NIfTI file, DICOM folder, .mrc file, or 'sample'")
     parser.add_argument("--slice", "-z", type=int, required=True, dest="z")
     parser.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
     parser.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), default=[])
     parser.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), default=[])
-    parser.add_argument("-o", "--output", default="mask.nii.gz")
+    parser.add_argument("-o", "--output", default="mask.nii.gz",
+                        help="label NIfTI (default mask.nii.gz); never an input, an existing file "
+                             "only with --overwrite")
     parser.add_argument("--png", default=None, help="overlay PNG (default: beside the mask)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--window", default="abdomen")
+    parser.add_argument("--window", default="abdomen", help="HU window name or lo,hi (e.g. --window=-160,240)")
+    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
     parser.add_argument("--multimask", action="store_true", help="keep the best of 3 masks by predicted IoU")
     args = parser.parse_args(argv)
     if args.box is None and not args.point and not args.negative:
         raise SamliverError("Give a prompt: --box x0 y0 x1 y1 or --point x y (and optionally --negative x y).")
+    window = parse_window_arg(args.window)
+    for name, values in [("--box", [args.box] if args.box else []), ("--point", args.point),
+                         ("--negative", args.negative)]:
+        for v in values:
+            if not np.all(np.isfinite(v)):
+                raise SamliverError(f"{name} {' '.join(map(str, v))} holds a non-finite number; give pixel "
+                                    "coordinates.")
 
-    from .embeddings import embed_volume, load_volume_arg
-    from .io import save_label_nifti
+    from .embeddings import embed_volume
+    from .io import load_volume_arg, save_label_nifti
     from .models import get_model
 
-    volume = load_volume_arg(args.volume)
+    # Both outputs are checked before any work: never a mask written and its PNG refused.
+    inputs = (args.volume, args.checkpoint)
+    out_path = check_output_path(args.output, inputs=inputs, overwrite=args.overwrite, what="-o")
+    name = out_path.name
+    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
+    png = check_output_path(Path(args.png) if args.png else out_path.with_name(stem + ".png"),
+                            inputs=inputs + (out_path,), overwrite=args.overwrite, what="--png")
+    volume = load_volume_arg(args.volume, series_uid=args.series_uid)
     if not 0 <= args.z < volume.shape[0]:
         raise SamliverError(f"--slice {args.z} is outside the volume's 0..{volume.shape[0] - 1}.")
     model = get_model(args.model, checkpoint=args.checkpoint)
-    emb = embed_volume(volume, model, slices=[args.z], window=args.window, progress=False)
+    emb = embed_volume(volume, model, slices=[args.z], window=window, progress=False)
     predictor = Predictor(model)
     predictor.set_slice(emb, args.z)
     points = args.point + args.negative
@@ -285,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = masks[best]
     label = np.zeros(volume.shape, np.uint8)
     label[args.z] = mask.astype(np.uint8)
-    out = save_label_nifti(label, volume, args.output)
-    name = Path(args.output).name
-    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
-    png = Path(args.png) if args.png else Path(args.output).with_name(stem + ".png")
+    out = save_label_nifti(label, volume, out_path)
     _save_overlay(volume.hu[args.z], mask, png, box=args.box, points=points or None, labels=labels)
     print(f"slice {args.z}: {int(mask.sum())} pixels, predicted IoU {float(scores[best]):.3f} -> {out}, {png}")
     return 0

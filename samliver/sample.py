@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .util import SamliverError, atomic_write_bytes, atomic_write_text, cache_dir
+from .util import SamliverError, atomic_write_bytes, atomic_write_text, cache_dir, sha256_file
 
 PACKAGE = "liver-ct-segmentation-package"
 VERSION = "1.6.0"
@@ -93,6 +93,12 @@ def _paths(folder: Path) -> dict[str, Path]:
             "info": folder / _INFO}
 
 
+def _niftis_intact(info: dict, paths: dict[str, Path]) -> bool:
+    """True when both cached NIfTI files still have the SHA-256 recorded when they were written."""
+    recorded = info.get("nifti_sha256") or {}
+    return all(recorded.get(k) == sha256_file(paths[k]) for k in ("image", "label"))
+
+
 def fetch_sample(force: bool = False) -> dict:
     """Fetch the sample case into ``$SAMLIVER_HOME/sample`` and return its description.
 
@@ -107,10 +113,12 @@ def fetch_sample(force: bool = False) -> dict:
     if not force and all(p.exists() for p in paths.values()):
         try:
             info = json.loads(paths["info"].read_text())
-            if info.get("sha256") == SHA256:
+            if info.get("sha256") == SHA256 and _niftis_intact(info, paths):
+                # the files checked are the ones in this folder: report those paths
+                info.update(image=str(paths["image"]), label=str(paths["label"]))
                 return info
         except (OSError, ValueError):
-            pass  # rebuild below
+            pass  # rebuild below (a damaged NIfTI is rewritten from the checked wheel)
     wheel = None if force else _find_wheel(folder)
     if wheel is None:
         for old in folder.glob("*.whl"):
@@ -138,6 +146,7 @@ def fetch_sample(force: bool = False) -> dict:
                   f"{MEMBERS['image']}, {MEMBERS['label']} (LiTS case, 128^3 crop)",
         "sha256": SHA256,
         "mrc": {k: str(v) for k, v in mrc.items()},
+        "nifti_sha256": {k: sha256_file(paths[k]) for k in ("image", "label")},
     }
     atomic_write_text(paths["info"], json.dumps(info, indent=2))
     return info
@@ -148,7 +157,10 @@ def load_sample() -> "CTVolume":
     from .io import load_volume
 
     info = fetch_sample()
-    vol = load_volume(info["image"], info["label"])
+    try:
+        vol = load_volume(info["image"], info["label"])
+    except SamliverError as err:
+        raise SamliverError(f"{err} Repair the sample with `samliver fetch-sample --force`.") from err
     vol.meta["case_id"] = info["case_id"]
     return vol
 

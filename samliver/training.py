@@ -634,28 +634,41 @@ def main(argv: list[str] | None = None) -> int:
                         "0; encodes every slice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("-o", "--output", default="outputs/head.pt")
+    p.add_argument("--series-uid", help="DICOM SeriesInstanceUID when the folder holds several "
+                                         "(or pass one .dcm file)")
+    p.add_argument("-o", "--output", default="outputs/head.pt",
+                   help="head checkpoint (default outputs/head.pt; never one of the inputs)")
     args = p.parse_args(argv)
     # Checked before loading anything: a bad flag should not cost a volume's embeddings.
     if args.train_parts and args.head != "autosam":
         raise SamliverError(f"--train-parts applies to the autosam head, not {args.head!r}.")
+    from .util import check_number, check_output_path
+
+    check_number("--k", args.k, minimum=1)
+    check_number("--steps", args.steps, minimum=1)
+    check_number("--lr", args.lr, positive=True, maximum=10)
+    check_number("--views", args.views, minimum=0)
+    check_number("--self-train", args.self_train, minimum=0)
+    check_number("--seed", args.seed, minimum=0)
+    out = check_output_path(args.output, inputs=(args.volume, args.label, args.checkpoint),
+                            overwrite=True, what="-o")
+    check_output_path(out.with_suffix(".curves.png"), inputs=(args.volume, args.label),
+                      overwrite=True, what="curves")
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     from .datasets import protocol_split
     from .embeddings import embed_volume
     from .models import get_model
 
-    if args.volume:
-        from .io import load_volume
+    from .io import load_volume_arg
 
-        volume = load_volume(args.volume, args.label)
-    else:
-        from .sample import load_sample
-
-        volume = load_sample()
+    volume = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
     if volume.label is None:
         raise SamliverError(f"{args.volume} has no label: pass --label with the annotation file.")
     train = parse_slices(args.train_slices)
+    if train == []:
+        raise SamliverError(f"--train-slices {args.train_slices!r} names no slices: write ranges "
+                            "low-high, e.g. 10-20.")
     if train is None:
         train, _ = protocol_split(volume.label, protocol=args.protocol, k=args.k)
         if len(train) < args.k:
@@ -668,12 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     embs = embed_volume(volume, model, slices=train)
     emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
                                            seed=args.seed, progress=True)
-    steps = args.steps or (60 if fast_mode() else 300)
+    steps = args.steps if args.steps is not None else (60 if fast_mode() else 300)
     config = TrainConfig(kind=args.head, steps=steps, lr=args.lr, augment=args.augment,
                          seed=args.seed, device=args.device,
                          head_options={"train_parts": args.train_parts} if args.train_parts else {})
     info = {"model_name": model.name, "weights_id": model.weights_id, "window": embs.window}
-    out = Path(args.output)
     kwargs = dict(config=config, model=model, model_info=info, checkpoint=out,
                   curves_path=out.with_suffix(".curves.png"))
     if args.self_train:

@@ -113,3 +113,108 @@ def get_device(device: str | None = None) -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), overwrite: bool = False,
+                      what: str = "output") -> Path:
+    """Check, before any work, that ``path`` may be written; return it as a Path.
+
+    Refuses (with a one-line :class:`SamliverError`) a path that is one of ``inputs``, an
+    existing file unless ``overwrite``, and a folder that cannot be
+    created or written. Creates the parent folder.
+
+    Args:
+        path: the file about to be written.
+        inputs: paths the command reads (files or folders); never written over.
+        overwrite: allow replacing an existing file that is not an input.
+        what: the option's name for the message (e.g. ``"-o"``).
+
+    Returns:
+        ``path`` as a :class:`Path`.
+    """
+    out = Path(path).expanduser()
+    for src in inputs:
+        if src is None or str(src) == "sample":
+            continue
+        src = Path(src).expanduser()
+        if _same_file(out, src) or out.resolve() == src.resolve():
+            raise SamliverError(f"{what} {out} is an input of this command; refusing to write over it. "
+                                "Choose another output path.")
+    if out.is_dir():
+        raise SamliverError(f"{what} {out} is a folder; give a file name.")
+    if out.exists() and not overwrite:
+        raise SamliverError(f"{what} {out} already exists; pass --overwrite to replace it or choose "
+                            "another path.")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SamliverError(f"Cannot create the folder {parent} for {what} {out} ({err.strerror}). "
+                            "Choose a writable location.") from err
+    # Probe with a real file: permission bits say nothing for root or on read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".samliver-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise SamliverError(f"Folder {parent} is not writable ({err.strerror}), so {what} {out} cannot "
+                            "be written. Choose a writable location.") from err
+    return out
+
+
+def parse_window_arg(text: str) -> str | tuple[float, float]:
+    """A CLI ``--window`` value: a window name, or ``lo,hi`` in HU (e.g. ``-160,240``).
+
+    Args:
+        text: the option's text.
+
+    Returns:
+        The name, or ``(lo, hi)`` floats, checked (known name, finite, hi > lo).
+    """
+    from .preprocess import WINDOWS, get_window
+
+    text = str(text).strip()
+    if "," not in text:
+        if text not in WINDOWS:
+            raise SamliverError(f"--window {text!r} is unknown: use one of {', '.join(WINDOWS)} or "
+                                "lo,hi in HU (e.g. --window=-160,240).")
+        return text
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SamliverError(f"--window {text!r} is not lo,hi in HU: write two numbers, e.g. "
+                            "--window=-160,240.") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise SamliverError(f"--window {text!r} must be finite numbers, e.g. --window=-160,240.")
+    return get_window((lo, hi))
+
+
+def check_number(name: str, value, *, minimum: float | None = None, positive: bool = False,
+                 maximum: float | None = None) -> None:
+    """Raise a one-line :class:`SamliverError` if a numeric option is out of range or not finite.
+
+    Args:
+        name: the option as the user typed it (e.g. ``"--steps"``).
+        value: the parsed value; ``None`` (option not given) passes.
+        minimum: smallest allowed value (inclusive).
+        positive: require ``value > 0``.
+        maximum: largest allowed value (inclusive).
+    """
+    if value is None:
+        return
+    v = float(value)
+    if not np.isfinite(v):
+        raise SamliverError(f"{name} {value} is not a finite number; give a number.")
+    if positive and not v > 0:
+        raise SamliverError(f"{name} {value} must be greater than 0.")
+    if minimum is not None and v < minimum:
+        raise SamliverError(f"{name} {value} must be at least {minimum:g}.")
+    if maximum is not None and v > maximum:
+        raise SamliverError(f"{name} {value} must be at most {maximum:g}.")

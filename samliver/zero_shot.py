@@ -245,6 +245,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``samliver zero-shot [VOLUME] [--protocol slab|sparse] [--json]``: prompted SAM on the sample."""
+    from .io import SERIES_UID_HELP
+
     parser = argparse.ArgumentParser(prog="samliver zero-shot", description=__doc__.split("\n\n")[0])
     parser.add_argument("volume", nargs="?", default="sample",
                         help="'sample' (default) or a CT with its label: IMAGE or IMAGE:LABEL")
@@ -262,21 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per mode")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON rows to this file")
+    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
     args = parser.parse_args(argv)
 
     from .datasets import protocol_split
     from .embeddings import parse_slice_spec
+    from .io import load_volume_arg
     from .models import get_model
-    from .util import atomic_write_text
+    from .util import atomic_write_text, check_number, check_output_path, parse_window_arg
 
-    if args.volume == "sample":
-        from .sample import load_sample
-
-        volume = load_sample()
-    else:
-        from .io import load_volume
-
-        volume = load_volume(args.volume, args.label)
+    window = parse_window_arg(args.window)
+    check_number("--k", args.k, minimum=1)
+    check_number("--clicks", args.clicks, minimum=1)
+    check_number("--jitter", args.jitter, minimum=0)
+    if args.output:
+        check_output_path(args.output, inputs=(args.volume, args.label), overwrite=True, what="-o")
+    volume = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
     if volume.label is None:
         raise SamliverError(f"{args.volume} has no label: pass --label LABEL so prompts can be simulated.")
     if args.slices:
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         slices = protocol_split(volume.label, args.protocol, k=args.k)[1]
     model = get_model(args.model, checkpoint=args.checkpoint)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rows = evaluate_zero_shot(volume, model, slices, modes=modes, progress=not args.json, window=args.window,
+    rows = evaluate_zero_shot(volume, model, slices, modes=modes, progress=not args.json, window=window,
                               clicks=args.clicks, jitter=args.jitter, seed=args.seed)
     for r in rows:
         r["protocol"] = None if args.slices else args.protocol

@@ -143,7 +143,7 @@ def test_key_mismatch_drops_and_recomputes(small_phantom, counted, tmp_path):
 def test_writes_are_atomic_and_leave_no_temp_files(small_phantom, tiny, tmp_path, monkeypatch):
     emb = embed_volume(small_phantom, tiny, slices=[0, 1], progress=False, cache_root=tmp_path)
     names = sorted(p.name for p in emb.path.iterdir())
-    assert names == ["key.json", "z0000.npy", "z0001.npy"]
+    assert names == ["key.json", "z0000.crc32", "z0000.npy", "z0001.crc32", "z0001.npy"]
     # an encoder failure mid-volume keeps the finished slices and writes nothing partial
     real = tiny.encode
     n = {"calls": 0}
@@ -157,7 +157,8 @@ def test_writes_are_atomic_and_leave_no_temp_files(small_phantom, tiny, tmp_path
     monkeypatch.setattr(tiny, "encode", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         embed_volume(small_phantom, tiny, slices=[2, 3], batch_size=1, progress=False, cache_root=tmp_path)
-    assert sorted(p.name for p in emb.path.iterdir()) == ["key.json", "z0000.npy", "z0001.npy", "z0002.npy"]
+    assert sorted(p.name for p in emb.path.glob("*.npy")) == ["z0000.npy", "z0001.npy", "z0002.npy"]
+    assert not [p for p in emb.path.iterdir() if p.name.startswith(".")]
 
 
 def test_bad_input(small_phantom, tiny, tmp_path):

@@ -98,4 +98,4 @@ def test_predict_volume_and_cli_with_tiny_model(tmp_path, monkeypatch):
     other = save_checkpoint(tmp_path / "other.pt", build_head("cnn", embed_dim=64),
                             config=TrainConfig(kind="cnn"), model_info={"model_name": "tiny"})
     with pytest.raises(SamliverError, match="embeddings of shape"):
-        main([str(src), "--head", str(other), "-o", str(out)])
+        main([str(src), "--head", str(other), "-o", str(out), "--overwrite"])

@@ -98,7 +98,8 @@ def test_segment_cli_writes_nifti_and_png(tmp_path, monkeypatch):
     assert out.is_file() and (tmp_path / "mask.png").is_file()
     assert nib.load(str(out)).shape == nib.load(str(src)).shape
     with pytest.raises(SamliverError, match="outside"):
-        segment_main([str(src), "--slice", "99", "--box", "5", "5", "40", "40", "--model", "tiny", "-o", str(out)])
+        segment_main([str(src), "--slice", "99", "--box", "5", "5", "40", "40", "--model", "tiny", "-o", str(out),
+                     "--overwrite"])
 
 
 @pytest.mark.slow
