@@ -172,14 +172,17 @@ class SharedImageDecoder:
 
     def _positional_projections(self, image_pe: Any) -> list:
         """Per depth, ``(pe @ Wk.T + bk, pe @ Wq.T + bq)`` per head: the same for every image, so
-        computed once per model and recomputed only when the weights change (in-place updates
-        bump the tensors' version counters) or move."""
+        computed once and recomputed only when ``image_pe`` or the decoder's weights change
+        (in-place updates bump the weights' version counters) or move."""
         import torch
 
-        params = list(self.decoder.parameters())
-        key = (image_pe.device, image_pe.dtype, image_pe.data_ptr(), image_pe._version,
-               tuple((p.data_ptr(), p._version) for p in params))
-        if key != self._pe_key:
+        params = tuple(
+            (p.data_ptr(), p.device, p.dtype, 0 if p.is_inference() else p._version) for p in self.decoder.parameters()
+        )
+        if self._pe_key is None or self._pe_key[0] != params or not (
+            self._pe_key[1].shape == image_pe.shape and self._pe_key[1].device == image_pe.device
+            and torch.equal(self._pe_key[1], image_pe)
+        ):
             ch = image_pe.shape[1]
             pe = image_pe[0].reshape(ch, -1).T
             proj = []
@@ -190,7 +193,7 @@ class SharedImageDecoder:
                 if i2t is not None:
                     q_pe = _per_head(torch.nn.functional.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias), i2t.num_heads)
                 proj.append((k_pe, q_pe))
-            self._pe_key, self._pe_proj = key, proj
+            self._pe_key, self._pe_proj = (params, image_pe.clone()), proj
         return self._pe_proj
 
     # -- per slice --------------------------------------------------------------------
