@@ -3,7 +3,7 @@
 Prompts are in original slice pixel coordinates ``(x, y)`` (x = column); masks come back at
 the original slice size. Works for every model in :mod:`samliver.models`.
 
-Decoding: by default, prompts without a mask input go through
+Decoding: by default on a CPU, prompts without a mask input go through
 :class:`samliver.decoder_backends.SharedImageDecoder`, which does the image-only part of SAM's
 mask decoder once per slice and shares it by all boxes and points (same masks as SAM's decoder up
 to float32 rounding; about a third of the work per prompt, see ``docs/decoder_speed.md``).
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,26 @@ from .util import SamliverError
 
 
 DECODERS = ("auto", "shared", "reference")
+
+
+@contextmanager
+def _cpu_threads(model, device_type: str) -> Iterator[None]:
+    """Torch CPU threads for decoding, chosen as for the encoder: ``model.num_threads`` if set, else
+    :func:`samliver.models.auto_num_threads` (1 on an oversubscribed machine, where 2 threads
+    decoded 2-6x slower than 1 in ``docs/decoder_speed.md``). Restored afterwards."""
+    import torch
+
+    from .models import auto_num_threads
+
+    threads = model.num_threads if model.num_threads else (auto_num_threads() if device_type == "cpu" else None)
+    previous = torch.get_num_threads()
+    if threads and threads != previous:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if threads and threads != previous:
+            torch.set_num_threads(previous)
 
 
 class Predictor:
@@ -34,10 +56,12 @@ class Predictor:
 
     Args:
         model: a :class:`samliver.models.SamModel`.
-        decoder: ``"auto"`` (default): the shared-image decoder for prompts without a mask input
-            when the model's decoder is segment_anything's (every model in samliver), else SAM's
-            own; ``"shared"``: require the shared-image decoder; ``"reference"``: always SAM's
-            own decoder (one image copy per prompt).
+        decoder: ``"auto"`` (default): on a CPU, the shared-image decoder for prompts without a
+            mask input when the model's decoder is segment_anything's (every model in samliver);
+            otherwise SAM's own (on a GPU the decoder is bound by kernel launches, not arithmetic,
+            and the shared decoder launches more, smaller kernels). ``"shared"``: the shared-image
+            decoder on any device (an error if the model's decoder is not supported);
+            ``"reference"``: always SAM's own decoder (one image copy per prompt).
     """
 
     def __init__(self, model, decoder: str = "auto") -> None:
@@ -53,6 +77,7 @@ class Predictor:
             )
         self.model = model
         self.decoder = "shared" if decoder != "reference" and supported else "reference"
+        self._cpu_only = decoder == "auto"
         self._shared = SharedImageDecoder(model.prompt_encoder, model.mask_decoder) if self.decoder == "shared" else None
         self._slice_cache = None  # the shared decoder's per-slice work, made at the first prompt
         self.features = None
@@ -224,11 +249,14 @@ class Predictor:
             labels_t = labels_t.expand(n, -1)
         if mask_t is not None and n > 1 and mask_t.shape[0] == 1:
             mask_t = mask_t.expand(n, -1, -1, -1)
-        with torch.inference_mode():
+        with torch.inference_mode(), _cpu_threads(self.model, self.features.device.type):
             sparse, dense = self.model.prompt_encoder(
                 points=None if coords_t is None else (coords_t, labels_t), boxes=box_t, masks=mask_t
             )
-            if self._shared is not None and mask_t is None:
+            use_shared = self._shared is not None and mask_t is None
+            if use_shared and self._cpu_only and self.features.device.type != "cpu":
+                use_shared = False
+            if use_shared:
                 # A mask prompt changes the image tokens per prompt: only prompts without one share.
                 if self._slice_cache is None:
                     self._slice_cache = self._shared.prepare_slice(self.features, self._image_pe)
@@ -259,6 +287,7 @@ def time_box_to_mask(
     *,
     repeats: int = 7,
     num_threads: int | None = None,
+    clock: str = "wall",
 ) -> dict:
     """Box -> mask speed through :class:`Predictor`, shared-image vs SAM's reference decoder.
 
@@ -273,7 +302,12 @@ def time_box_to_mask(
         boxes: (N, 4) boxes x0, y0, x1, y1 in original slice pixels.
         original_hw: the slice size; default the model's square input size.
         repeats: rounds; the medians over rounds are reported.
-        num_threads: torch CPU threads while timing (restored afterwards); default unchanged.
+        num_threads: torch CPU threads while timing (restored afterwards); default: as
+            :meth:`Predictor.predict` picks them (``model.num_threads``, else 1 on an
+            oversubscribed machine, else torch's default).
+        clock: ``"wall"`` (default) or ``"cpu"``: this process's CPU time, which leaves out the
+            time spent waiting for a core on a busy machine (with one thread, the cleanest
+            comparison there; with several it also counts threads spinning at barriers).
 
     Returns:
         A dict of median milliseconds per box: ``reference_single``, ``reference_batched``,
@@ -281,7 +315,8 @@ def time_box_to_mask(
         ``shared_prepare`` (ms per slice, once for all its prompts), ``shared_first_box``
         (prepare + one box: a fresh slice); the ratios ``speedup_single`` and
         ``speedup_batched`` (reference / shared, same run); the agreement of the masks
-        (``mask_dice_min`` over boxes, ``max_abs_logit_diff``); and ``boxes``, ``threads``, ``repeats``.
+        (``mask_dice_min`` over boxes, ``max_abs_logit_diff``); and ``boxes``, ``threads`` (None: not
+        pinned), ``repeats``, ``clock``.
     """
     import torch
 
@@ -290,10 +325,15 @@ def time_box_to_mask(
         raise SamliverError("time_box_to_mask needs at least one box.")
     if repeats < 1:
         raise SamliverError(f"repeats must be at least 1, got {repeats}.")
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    if clock not in clocks:
+        raise SamliverError(f"Unknown clock {clock!r}: choose 'wall' or 'cpu'.")
+    now = clocks[clock]
     hw = original_hw if original_hw is not None else (model.image_size, model.image_size)
-    previous = torch.get_num_threads()
+    previous, previous_model = torch.get_num_threads(), model.num_threads
     if num_threads:
         torch.set_num_threads(int(num_threads))
+        model.num_threads = int(num_threads)  # predict() would otherwise pick its own (see _cpu_threads)
     try:
         shared, reference = Predictor(model, decoder="shared"), Predictor(model, decoder="reference")
         for p in (shared, reference):
@@ -327,14 +367,15 @@ def time_box_to_mask(
             for name, (run, count) in variants.items():
                 if name in ("shared_single", "shared_batched") and shared._slice_cache is None:
                     shared.predict(box=boxes[0])  # keep the slice prepared for these two
-                start = time.perf_counter()
+                start = now()
                 run()
-                times[name].append((time.perf_counter() - start) * 1000.0 / count)
+                times[name].append((now() - start) * 1000.0 / count)
         ref_logits = reference.predict(boxes=boxes, return_logits=True)[0]
         new_logits = shared.predict(boxes=boxes, return_logits=True)[0]
     finally:
         if num_threads:
             torch.set_num_threads(previous)
+            model.num_threads = previous_model
     out: dict = {name: float(np.median(v)) for name, v in times.items()}
     out["speedup_single"] = out["reference_single"] / out["shared_single"]
     out["speedup_batched"] = out["reference_batched"] / out["shared_batched"]
@@ -343,7 +384,7 @@ def time_box_to_mask(
     total = a.reshape(n, -1).sum(1) + b.reshape(n, -1).sum(1)
     out["mask_dice_min"] = float(np.min(np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)))
     out["max_abs_logit_diff"] = float(np.abs(ref_logits - new_logits).max())
-    out.update(boxes=n, threads=int(num_threads or previous), repeats=repeats)
+    out.update(boxes=n, threads=int(num_threads) if num_threads else None, repeats=repeats, clock=clock)
     return out
 
 

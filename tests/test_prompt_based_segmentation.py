@@ -261,11 +261,11 @@ def test_time_box_to_mask_reports_every_variant(tiny):
     from samliver.prompt_based_segmentation import time_box_to_mask
 
     emb = np.random.default_rng(0).normal(size=(256, 64, 64)).astype(np.float32)
-    out = time_box_to_mask(tiny, emb, [[10, 10, 100, 120], [30, 40, 200, 250]], repeats=1, num_threads=1)
+    out = time_box_to_mask(tiny, emb, [[10, 10, 100, 120], [30, 40, 200, 250]], repeats=1, num_threads=1, clock="cpu")
     for key in ("reference_single", "reference_batched", "shared_single", "shared_batched", "shared_prepare",
                 "shared_first_box", "speedup_single", "speedup_batched"):
         assert out[key] > 0, key
-    assert out["boxes"] == 2 and out["threads"] == 1
+    assert out["boxes"] == 2 and out["threads"] == 1 and out["clock"] == "cpu"
     assert out["mask_dice_min"] > 0.99 and out["max_abs_logit_diff"] < 1e-3
     with pytest.raises(SamliverError, match="box"):
         time_box_to_mask(tiny, emb, np.zeros((0, 4)))
