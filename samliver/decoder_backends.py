@@ -2,7 +2,7 @@
 
 SAM's :class:`MaskDecoder` copies the (256, 64, 64) image embedding once per prompt
 (``repeat_interleave``) and pushes every copy through the two-way transformer: 4096 image tokens x
-256 channels per prompt, 3.6 GFLOP per box for LiteMedSAM. But when no mask prompt is given, the
+256 channels per prompt, 3.62 GFLOP per box for LiteMedSAM. But when no mask prompt is given, the
 image tokens differ between prompts only by what they took from the few prompt tokens in the
 image-to-token attentions: ``heads x tokens`` (8 x 7 = 56 for a box) vectors per layer. So the
 image tokens of prompt ``b`` at transformer depth ``s`` can be written exactly as
@@ -12,13 +12,14 @@ image tokens of prompt ``b`` at transformer depth ``s`` can be written exactly a
 with ``P_s`` (4096, 256) the same for every prompt (the embedding plus the no-mask embedding,
 centred and scaled by the layer norms' gains: image-only), ``a_b`` (4096, 1) a per-token scale (one
 over the layer norms' standard deviations), ``U_b`` (4096, r) attention weights, ``R_b`` (r, 256)
-and ``c_b`` (1, 256) small per prompt (r = 56, 113 for LiteMedSAM's two layers). Every linear map
-of the image tokens (key/value/query projections, the first transposed convolution of the
-upscaler) then splits into ``P_s @ W.T``, computed once per slice (:func:`prepare_slice`), and a
-rank-r part per prompt. Layer norms stay exact: the per-token mean and variance follow from
-``P_s`` and the rank-r part. Only the last three upscaling steps (layer norm, GELU, transposed
-convolution, GELU: 256 x 256 outputs) run in full per prompt. The result equals SAM's decoder up
-to float32 rounding (the tests compare against it), at about a third of its work per prompt.
+and ``c_b`` (1, 256) small per prompt (r = 57 after LiteMedSAM's first layer, 114 after its
+second; stored transposed, image tokens last). Every linear map of the image tokens (key/value/
+query projections, the first transposed convolution of the upscaler) then splits into
+``P_s @ W.T``, computed once per slice (:meth:`SharedImageDecoder.prepare_slice`), and a rank-r
+part per prompt. Layer norms stay exact: the centred tokens are formed from this form once, for
+their variance. Only the upscaler's tail (layer norm, GELU, transposed convolution, GELU: 256 x 256
+outputs) runs in full per prompt. The result equals SAM's decoder up to float32 rounding (the tests
+compare against it) at 1.23 instead of 3.62 GFLOP per box; see ``docs/decoder_speed.md``.
 
 This covers every model built from segment_anything's ``MaskDecoder`` / ``TwoWayTransformer``
 (LiteMedSAM's vendored copy included), any number of point and box tokens, and multimask output.
