@@ -2,16 +2,49 @@
 
 Prompts are in original slice pixel coordinates ``(x, y)`` (x = column); masks come back at
 the original slice size. Works for every model in :mod:`samliver.models`.
+
+Decoding: by default on a CPU, prompts without a mask input go through
+:class:`samliver.decoder_backends.SharedImageDecoder`, which does the image-only part of SAM's
+mask decoder once per slice and shares it by all boxes and points (same masks as SAM's decoder up
+to float32 rounding; about a third of the work per prompt, see ``docs/decoder_speed.md``).
+``Predictor(model, decoder="reference")`` uses segment_anything's decoder as is.
+:func:`time_box_to_mask` measures both.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .util import SamliverError
+
+
+DECODERS = ("auto", "shared", "reference")
+
+
+@contextmanager
+def _cpu_threads(model, device_type: str) -> Iterator[None]:
+    """Torch CPU threads for decoding, chosen as for the encoder: ``model.num_threads`` if set, else
+    :func:`samliver.models.auto_num_threads` (1 on an oversubscribed machine, where 2 threads
+    decoded 2-6x slower than 1 in ``docs/decoder_speed.md``). Restored afterwards."""
+    import torch
+
+    from .models import auto_num_threads
+
+    threads = model.num_threads if model.num_threads else (auto_num_threads() if device_type == "cpu" else None)
+    previous = torch.get_num_threads()
+    if threads and threads != previous:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if threads and threads != previous:
+            torch.set_num_threads(previous)
 
 
 class Predictor:
@@ -20,10 +53,33 @@ class Predictor:
     ``set_image(slice_hu)`` runs the encoder once; ``set_embedding(emb, original_hw)`` reuses a
     cached (256, 64, 64) embedding instead; ``predict(...)`` then only runs the prompt encoder
     and mask decoder (tens of milliseconds on a CPU).
+
+    Args:
+        model: a :class:`samliver.models.SamModel`.
+        decoder: ``"auto"`` (default): on a CPU, the shared-image decoder for prompts without a
+            mask input when the model's decoder is segment_anything's (every model in samliver);
+            otherwise SAM's own (on a GPU the decoder is bound by kernel launches, not arithmetic,
+            and the shared decoder launches more, smaller kernels). ``"shared"``: the shared-image
+            decoder on any device (an error if the model's decoder is not supported);
+            ``"reference"``: always SAM's own decoder (one image copy per prompt).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, decoder: str = "auto") -> None:
+        from .decoder_backends import SharedImageDecoder, supports_shared_decoder
+
+        if decoder not in DECODERS:
+            raise SamliverError(f"Unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}.")
+        supported = supports_shared_decoder(model.mask_decoder)
+        if decoder == "shared" and not supported:
+            raise SamliverError(
+                f"The shared-image decoder needs segment_anything's MaskDecoder; {model.name} has "
+                f"{type(model.mask_decoder).__name__}: use decoder='reference'."
+            )
         self.model = model
+        self.decoder = "shared" if decoder != "reference" and supported else "reference"
+        self._cpu_only = decoder == "auto"
+        self._shared = SharedImageDecoder(model.prompt_encoder, model.mask_decoder) if self.decoder == "shared" else None
+        self._slice_cache = None  # the shared decoder's per-slice work, made at the first prompt
         self.features = None
         self.original_hw: tuple[int, int] | None = None
         self.transform = None
@@ -71,20 +127,22 @@ class Predictor:
         self.set_embedding(embeddings[z], embeddings.original_hw)
 
     def _set_features(self, feats, original_hw) -> None:
+        import torch
+
         h, w = (int(v) for v in original_hw)
         self.features = feats.to(self.model.device, dtype=next(self.model.mask_decoder.parameters()).dtype)
         self.original_hw = (h, w)
         self.transform = self.model.transform((h, w))
-        if self._image_pe is None:
-            import torch
-
-            with torch.inference_mode():
-                self._image_pe = self.model.prompt_encoder.get_dense_pe()
+        self._slice_cache = None
+        with torch.inference_mode():
+            # Recomputed per slice (cheap): the model may have moved to another device meanwhile.
+            self._image_pe = self.model.prompt_encoder.get_dense_pe()
 
     def reset_image(self) -> None:
         self.features = None
         self.original_hw = None
         self.transform = None
+        self._slice_cache = None
 
     # -- prompts ----------------------------------------------------------------------
     def _check_box(self, box: np.ndarray) -> np.ndarray:
@@ -191,17 +249,26 @@ class Predictor:
             labels_t = labels_t.expand(n, -1)
         if mask_t is not None and n > 1 and mask_t.shape[0] == 1:
             mask_t = mask_t.expand(n, -1, -1, -1)
-        with torch.inference_mode():
+        with torch.inference_mode(), _cpu_threads(self.model, self.features.device.type):
             sparse, dense = self.model.prompt_encoder(
                 points=None if coords_t is None else (coords_t, labels_t), boxes=box_t, masks=mask_t
             )
-            low, iou = self.model.mask_decoder(
-                image_embeddings=self.features,
-                image_pe=self._image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
+            use_shared = self._shared is not None and mask_t is None
+            if use_shared and self._cpu_only and self.features.device.type != "cpu":
+                use_shared = False
+            if use_shared:
+                # A mask prompt changes the image tokens per prompt: only prompts without one share.
+                if self._slice_cache is None:
+                    self._slice_cache = self._shared.prepare_slice(self.features, self._image_pe)
+                low, iou = self._shared.decode(self._slice_cache, sparse, multimask_output=multimask_output)
+            else:
+                low, iou = self.model.mask_decoder(
+                    image_embeddings=self.features,
+                    image_pe=self._image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask_output,
+                )
             full = t.mask_to_original(low.float())  # (n, K, H, W) logits
         logits = full.cpu().numpy()
         masks = logits if return_logits else logits > 0.0
@@ -210,6 +277,115 @@ class Predictor:
         if not several:
             return masks[0], scores[0], low_np[0]
         return masks, scores, low_np
+
+
+def time_box_to_mask(
+    model,
+    emb,
+    boxes,
+    original_hw: tuple[int, int] | None = None,
+    *,
+    repeats: int = 7,
+    num_threads: int | None = None,
+    clock: str = "wall",
+) -> dict:
+    """Box -> mask speed through :class:`Predictor`, shared-image vs SAM's reference decoder.
+
+    All variants run round-robin in this process (``repeats`` rounds), so their ratios hold even
+    on a busy machine; absolute times do not. Each round decodes every box one call at a time
+    (``single``) and all boxes in one ``predict(boxes=...)`` call (``batched``), masks at the
+    original slice size included.
+
+    Args:
+        model: a :class:`samliver.models.SamModel`.
+        emb: one slice's embedding (C, h, w) or (1, C, h, w) from this model.
+        boxes: (N, 4) boxes x0, y0, x1, y1 in original slice pixels.
+        original_hw: the slice size; default the model's square input size.
+        repeats: rounds; the medians over rounds are reported.
+        num_threads: torch CPU threads while timing (restored afterwards); default: as
+            :meth:`Predictor.predict` picks them (``model.num_threads``, else 1 on an
+            oversubscribed machine, else torch's default).
+        clock: ``"wall"`` (default) or ``"cpu"``: this process's CPU time, which leaves out the
+            time spent waiting for a core on a busy machine (with one thread, the cleanest
+            comparison there; with several it also counts threads spinning at barriers).
+
+    Returns:
+        A dict of median milliseconds per box: ``reference_single``, ``reference_batched``,
+        ``shared_single``, ``shared_batched`` (shared decoder, slice already prepared),
+        ``shared_prepare`` (ms per slice, once for all its prompts), ``shared_first_box``
+        (prepare + one box: a fresh slice); the ratios ``speedup_single`` and
+        ``speedup_batched`` (reference / shared, same run); the agreement of the masks
+        (``mask_dice_min`` over boxes, ``max_abs_logit_diff``); and ``boxes``, ``threads`` (None: not
+        pinned), ``repeats``, ``clock``.
+    """
+    import torch
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(boxes):
+        raise SamliverError("time_box_to_mask needs at least one box.")
+    if repeats < 1:
+        raise SamliverError(f"repeats must be at least 1, got {repeats}.")
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    if clock not in clocks:
+        raise SamliverError(f"Unknown clock {clock!r}: choose 'wall' or 'cpu'.")
+    now = clocks[clock]
+    hw = original_hw if original_hw is not None else (model.image_size, model.image_size)
+    previous, previous_model = torch.get_num_threads(), model.num_threads
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+        model.num_threads = int(num_threads)  # predict() would otherwise pick its own (see _cpu_threads)
+    try:
+        shared, reference = Predictor(model, decoder="shared"), Predictor(model, decoder="reference")
+        for p in (shared, reference):
+            p.set_embedding(emb, hw)
+        n = len(boxes)
+
+        def one_by_one(p: Predictor) -> None:
+            for b in boxes:
+                p.predict(box=b)
+
+        def first_box() -> None:
+            shared.set_embedding(emb, hw)  # drops the prepared slice
+            shared.predict(box=boxes[0])
+
+        def prepare() -> None:
+            with torch.inference_mode():
+                shared._shared.prepare_slice(shared.features, shared._image_pe)
+
+        variants = {
+            "reference_single": (lambda: one_by_one(reference), n),
+            "reference_batched": (lambda: reference.predict(boxes=boxes), n),
+            "shared_single": (lambda: one_by_one(shared), n),
+            "shared_batched": (lambda: shared.predict(boxes=boxes), n),
+            "shared_prepare": (prepare, 1),
+            "shared_first_box": (first_box, 1),
+        }
+        shared.predict(box=boxes[0])  # warm-up; prepares the slice
+        reference.predict(box=boxes[0])
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(repeats):
+            for name, (run, count) in variants.items():
+                if name in ("shared_single", "shared_batched") and shared._slice_cache is None:
+                    shared.predict(box=boxes[0])  # keep the slice prepared for these two
+                start = now()
+                run()
+                times[name].append((now() - start) * 1000.0 / count)
+        ref_logits = reference.predict(boxes=boxes, return_logits=True)[0]
+        new_logits = shared.predict(boxes=boxes, return_logits=True)[0]
+    finally:
+        if num_threads:
+            torch.set_num_threads(previous)
+            model.num_threads = previous_model
+    out: dict = {name: float(np.median(v)) for name, v in times.items()}
+    out["speedup_single"] = out["reference_single"] / out["shared_single"]
+    out["speedup_batched"] = out["reference_batched"] / out["shared_batched"]
+    a, b = ref_logits > 0, new_logits > 0
+    inter = (a & b).reshape(n, -1).sum(1)
+    total = a.reshape(n, -1).sum(1) + b.reshape(n, -1).sum(1)
+    out["mask_dice_min"] = float(np.min(np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)))
+    out["max_abs_logit_diff"] = float(np.abs(ref_logits - new_logits).max())
+    out.update(boxes=n, threads=int(num_threads) if num_threads else None, repeats=repeats, clock=clock)
+    return out
 
 
 def _save_overlay(slice_hu: np.ndarray, mask: np.ndarray, path: Path, box=None, points=None, labels=None) -> Path:

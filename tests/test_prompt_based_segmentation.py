@@ -118,3 +118,178 @@ def test_litemedsam_liver_box_on_real_slices(sample_volume):
         masks, scores, _ = p.predict(box=box_from_mask(gt))
         assert masks.shape == (1, *gt.shape)
         assert dice(masks[0], gt) > 0.85, z
+
+
+# -- the shared-image decoder (samliver.decoder_backends) ------------------------------------
+
+
+def _close(a, b, rel=1e-4):
+    """Float32-rounding agreement: logits within rel x their scale; masks differ at most where |logit| is tiny."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.abs(b).max(), 1.0)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rel * scale, np.abs(a - b).max()
+    flipped = (a > 0) != (b > 0)
+    assert np.all(np.abs(b[flipped]) <= rel * scale)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny, small_phantom):
+    """The same slice in a shared-decoder and a reference-decoder predictor."""
+    shared, reference = Predictor(tiny, decoder="shared"), Predictor(tiny, decoder="reference")
+    for p in (shared, reference):
+        p.set_image(small_phantom.hu[8])
+    return shared, reference
+
+
+def test_default_decoder_is_shared_for_sam_decoders(tiny):
+    assert Predictor(tiny).decoder == "shared"
+    assert Predictor(tiny, decoder="reference").decoder == "reference"
+    with pytest.raises(SamliverError, match="Unknown decoder"):
+        Predictor(tiny, decoder="onnx")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"box": [10, 12, 40, 44]},
+    {"box": [0, 0, 64, 64], "multimask_output": True},
+    {"boxes": [[5, 5, 30, 30], [20, 20, 60, 60], [0, 0, 10, 10], [3, 40, 50, 63], [1, 1, 63, 63]]},
+    {"points": [[20, 30], [40, 10]], "point_labels": [1, 0]},
+    {"points": [[20, 30]], "multimask_output": True},
+    {"boxes": [[5, 5, 30, 30], [20, 20, 60, 60]], "points": [[[10, 10]], [[30, 30]]], "point_labels": [[1], [0]]},
+], ids=["box", "box-multimask", "5-boxes", "points", "point-multimask", "boxes-with-points"])
+def test_shared_decoder_matches_reference(tiny_pair, kwargs):
+    shared, reference = tiny_pair
+    got = shared.predict(return_logits=True, **kwargs)
+    want = reference.predict(return_logits=True, **kwargs)
+    assert shared._slice_cache is not None  # really went through the shared decoder
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+def test_shared_batch_equals_one_at_a_time(tiny_pair):
+    shared, _ = tiny_pair
+    boxes = np.array([[5, 5, 30, 30], [20, 20, 60, 60], [0, 0, 10, 10], [3, 40, 50, 63], [1, 1, 63, 63], [9, 9, 19, 29]])
+    batch = shared.predict(boxes=boxes, return_logits=True)  # 6 > CHUNK: split into chunks inside
+    for i, b in enumerate(boxes):
+        one = shared.predict(box=b, return_logits=True)
+        for g, w in zip(one, batch):
+            _close(g, w[i])
+
+
+def test_mask_input_takes_the_reference_path(tiny_pair):
+    shared, reference = tiny_pair
+    low = reference.predict(box=[5, 5, 50, 40])[2]
+    got = shared.predict(box=[5, 5, 50, 40], mask_input=low, return_logits=True)
+    want = reference.predict(box=[5, 5, 50, 40], mask_input=low, return_logits=True)
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)  # the very same code path
+
+
+def test_shared_decoder_follows_slice_changes(tiny, small_phantom):
+    shared, reference = Predictor(tiny, decoder="shared"), Predictor(tiny, decoder="reference")
+    box = [10, 12, 40, 44]
+    shared.set_image(small_phantom.hu[8])
+    first = shared.predict(box=box, return_logits=True)[0]
+    for z in (3, 12):
+        shared.set_image(small_phantom.hu[z])  # must drop the prepared slice
+        reference.set_image(small_phantom.hu[z])
+        got = shared.predict(box=box, return_logits=True)[0]
+        _close(got, reference.predict(box=box, return_logits=True)[0])
+        assert not np.allclose(got, first)
+
+
+def test_shared_decoder_follows_weight_updates(small_phantom):
+    """Positional projections are cached per model: an in-place weight update must refresh them."""
+    import torch
+
+    with pytest.warns(UserWarning):
+        model = get_model("tiny", device="cpu")  # a private copy: its weights are changed below
+    shared, reference = Predictor(model, decoder="shared"), Predictor(model, decoder="reference")
+    for p in (shared, reference):
+        p.set_image(small_phantom.hu[8])
+    box = [10, 12, 40, 44]
+    before = shared.predict(box=box, return_logits=True)[0]
+    attn = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(3.0)
+    shared.set_image(small_phantom.hu[8])
+    got = shared.predict(box=box, return_logits=True)[0]
+    _close(got, reference.predict(box=box, return_logits=True)[0])
+    assert not np.allclose(got, before)
+
+
+def test_unsupported_decoder_falls_back_or_is_refused(tiny, small_phantom):
+    import dataclasses
+
+    from segment_anything.modeling import MaskDecoder
+
+    class OtherDecoder(MaskDecoder):  # e.g. an HQ-SAM-like decoder with its own forward
+        pass
+
+    other = OtherDecoder.__new__(OtherDecoder)
+    other.__dict__.update(tiny.mask_decoder.__dict__)
+    model = dataclasses.replace(tiny, mask_decoder=other)
+    p = Predictor(model)
+    assert p.decoder == "reference"
+    p.set_image(small_phantom.hu[8])
+    assert p.predict(box=[10, 12, 40, 44])[0].shape == (1, 64, 64)
+    with pytest.raises(SamliverError, match="reference"):
+        Predictor(model, decoder="shared")
+
+
+def test_shared_decoder_module_matches_sam_decoder(tiny):
+    """SharedImageDecoder against segment_anything's MaskDecoder on random embeddings, batched."""
+    import torch
+
+    from samliver.decoder_backends import SharedImageDecoder
+
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, 256, 64, 64, generator=gen)
+    pe = tiny.prompt_encoder.get_dense_pe()
+    boxes = torch.tensor([[10.0, 20, 120, 140], [50, 60, 200, 220], [0, 0, 255, 255]])
+    dec = SharedImageDecoder(tiny.prompt_encoder, tiny.mask_decoder)
+    with torch.inference_mode():
+        sparse, dense = tiny.prompt_encoder(points=None, boxes=boxes, masks=None)
+        cache = dec.prepare_slice(feats, pe)
+        for multimask in (False, True):
+            want = tiny.mask_decoder(feats, pe, sparse, dense, multimask)
+            got = dec.decode(cache, sparse, multimask_output=multimask, chunk=2)
+            for g, w in zip(got, want):
+                _close(g.numpy(), w.numpy())
+
+
+def test_time_box_to_mask_reports_every_variant(tiny):
+    from samliver.prompt_based_segmentation import time_box_to_mask
+
+    emb = np.random.default_rng(0).normal(size=(256, 64, 64)).astype(np.float32)
+    out = time_box_to_mask(tiny, emb, [[10, 10, 100, 120], [30, 40, 200, 250]], repeats=1, num_threads=1, clock="cpu")
+    for key in ("reference_single", "reference_batched", "shared_single", "shared_batched", "shared_prepare",
+                "shared_first_box", "speedup_single", "speedup_batched"):
+        assert out[key] > 0, key
+    assert out["boxes"] == 2 and out["threads"] == 1 and out["clock"] == "cpu"
+    assert out["mask_dice_min"] > 0.99 and out["max_abs_logit_diff"] < 1e-3
+    with pytest.raises(SamliverError, match="box"):
+        time_box_to_mask(tiny, emb, np.zeros((0, 4)))
+
+
+@pytest.mark.slow
+def test_litemedsam_shared_decoder_matches_reference_on_real_slices(sample_volume):
+    """Tight GT liver boxes on real slices: the shared decoder gives SAM's masks, single and batched."""
+    from samliver.evaluation import dice
+    from samliver.prompts import box_from_mask
+
+    model = get_model("litemedsam")
+    zs = [60, 80, 100]
+    emb = embed_volume(sample_volume, model, slices=zs, progress=False)
+    shared, reference = Predictor(model, decoder="shared"), Predictor(model, decoder="reference")
+    for z in zs:
+        box = np.asarray(box_from_mask(sample_volume.label[z] >= 1), float)
+        boxes = np.array([box, box + [-3, -3, 3, 3], box + [4, 2, -4, -2]])
+        for p in (shared, reference):
+            p.set_slice(emb, z)
+        for kwargs in ({"box": box}, {"boxes": boxes}, {"box": box, "multimask_output": True}):
+            got = shared.predict(return_logits=True, **kwargs)
+            want = reference.predict(return_logits=True, **kwargs)
+            for g, w in zip(got, want):
+                _close(g, w)
+            assert dice(got[0] > 0, want[0] > 0) >= 0.999
