@@ -28,7 +28,6 @@ A mask prompt (``mask_input``) changes the image tokens per prompt, so it takes 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -362,6 +361,7 @@ class SharedImageDecoder:
             cache: from :meth:`prepare_slice` for the current embedding.
             sparse: (B, N, C) sparse prompt embeddings from the prompt encoder.
             multimask_output: the three multimask outputs instead of the single-mask one.
+            chunk: prompts decoded together (default :data:`CHUNK`); larger batches are split.
 
         Returns:
             ``(low_res_logits (B, K, 4h, 4w), iou (B, K))`` as SAM's ``MaskDecoder.forward``.
