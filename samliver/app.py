@@ -220,8 +220,7 @@ class App:
 
         ``slices`` limits the prediction (default all; in FAST mode 16 slices around the middle).
         """
-        from .inference import (format_burden, load_head_checked, postprocess, predict_volume,
-                                tumour_burden)
+        from .inference import format_burden, load_head_checked, predict_volume, tumour_burden
         from .io import save_label_nifti
 
         if self.volume is None:
@@ -241,9 +240,9 @@ class App:
                 slices = list(range(max(0, depth // 2 - 8), min(depth, depth // 2 + 8)))
             n = depth if slices is None else len(slices)
             self.message(f"encoding and segmenting {n} slices (about {1.2 * n:.0f} s on a CPU for new slices) ...")
-            label = predict_volume(self.volume, self.model, head, slices=slices, progress=False,
-                                   postprocess_label=False)
-            label = postprocess(label)
+            # predict_volume post-processes only the predicted slices: a FAST subset is never cut
+            # into slabs by the empty slices between them
+            label = predict_volume(self.volume, self.model, head, slices=slices, progress=False)
         except SamliverError as err:
             self.message(str(err), error=True)
             return None

@@ -364,6 +364,8 @@ def _csv_list(text: str, allowed: tuple[str, ...] | None = None, what: str = "")
 
 def main(argv: list[str] | None = None) -> int:
     """``samliver experiment --k 1,2,4,8,16 --heads ... --baselines ... --seeds 0,1,2``."""
+    from .io import SERIES_UID_HELP
+
     p = argparse.ArgumentParser(prog="samliver experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("volume", nargs="?", help="labelled CT volume (default: the sample case)")
@@ -391,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: rebuild the CSV / Markdown / PNG from finished runs "
                         "(experiment.partial.jsonl files, or --json output), e.g. of an "
                         "interrupted grid or of protocols run in parallel")
-    p.add_argument("--series-uid", help="DICOM SeriesInstanceUID when the folder holds several "
-                                         "(or pass one .dcm file)")
+    p.add_argument("--series-uid", help=SERIES_UID_HELP)
     args = p.parse_args(argv)
     from .util import check_number
 

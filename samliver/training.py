@@ -613,6 +613,8 @@ def parse_slices(text: str | None) -> list[int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``samliver train [VOLUME] [--label L] --head cnn --k 8 --protocol sparse -o head.pt``."""
+    from .io import SERIES_UID_HELP
+
     p = argparse.ArgumentParser(prog="samliver train", description=main.__doc__)
     p.add_argument("volume", nargs="?", help="CT volume (default: the sample case)")
     p.add_argument("--label", help="label file for VOLUME")
@@ -634,8 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                         "0; encodes every slice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--series-uid", help="DICOM SeriesInstanceUID when the folder holds several "
-                                         "(or pass one .dcm file)")
+    p.add_argument("--series-uid", help=SERIES_UID_HELP)
     p.add_argument("-o", "--output", default="outputs/head.pt",
                    help="head checkpoint (default outputs/head.pt; never one of the inputs)")
     args = p.parse_args(argv)

@@ -658,3 +658,18 @@ def test_demo_export_keeps_the_users_labels(tmp_path, monkeypatch):
     exported = np.asarray(nib.load(str(tmp_path / "prediction.nii.gz")).dataobj).transpose(2, 1, 0)
     assert np.array_equal(exported[train], vol.label[train])  # the user's labels, not empty slices
     assert not ctx.results["prediction"][train].any()  # what is scored stays the test slices
+
+
+def test_predict_accepts_sample_like_embed_and_segment(tmp_path, monkeypatch, capsys):
+    """``predict sample`` resolves the sample case (then stops here at a head for another model)."""
+    from samliver.heads import build_head
+    from samliver.inference import default_output
+    from samliver.training import TrainConfig, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    other = save_checkpoint(tmp_path / "other.pt", build_head("cnn", embed_dim=64), config=TrainConfig(kind="cnn"),
+                            model_info={"model_name": "tiny"})
+    with pytest.warns(UserWarning):
+        err = refused(capsys, tmp_path, ["predict", "sample", "--head", str(other)], ("embeddings of shape",), ())
+    assert "does not exist" not in err  # the old "sample does not exist"
+    assert default_output("sample") == Path("outputs") / "sample_samliver.nii.gz"
