@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .training import seg_loss
+from .training import num_threads, seg_loss
 from .util import SamliverError, get_device
 
 
@@ -87,15 +87,26 @@ def _augment_images(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generato
 def train_unet(images: np.ndarray, labels: np.ndarray, *, steps: int = 300, batch_size: int = 8,
                lr: float = 2e-3, seed: int = 0, encoder_state: dict | None = None,
                device: str | None = None, progress: bool = False,
-               tumour_weight: float = 3.0) -> UNet:
+               tumour_weight: float = 3.0, threads: int | None = None) -> UNet:
     """Train the UNet on ``images`` (N,H,W) in [0,1] and ``labels`` (N,H,W) (0/1/2).
 
     ``encoder_state`` (from :func:`pretrain_simclr`) initialises the encoder (the SSL baseline).
+    ``threads`` sets torch's thread count while training (``None``: unchanged), as
+    ``TrainConfig.threads`` does for the heads.
     """
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int64)
     if len(images) == 0:
         raise SamliverError("No labelled slices for the UNet baseline.")
+    with num_threads(threads):
+        return _train_unet(images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                           encoder_state=encoder_state, device=device, progress=progress,
+                           tumour_weight=tumour_weight)
+
+
+def _train_unet(images: np.ndarray, labels: np.ndarray, *, steps: int, batch_size: int,
+                lr: float, seed: int, encoder_state: dict | None, device: str | None,
+                progress: bool, tumour_weight: float) -> UNet:
     device = get_device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -152,11 +163,24 @@ def _random_crop_resize(x: torch.Tensor, gen: torch.Generator, out: int) -> torc
 
 def pretrain_simclr(images: np.ndarray, *, steps: int = 150, batch_size: int = 16,
                     temperature: float = 0.2, lr: float = 1e-3, crop: int = 96, seed: int = 0,
-                    device: str | None = None, progress: bool = False) -> dict:
-    """SimCLR pre-training of the UNet encoder on unlabelled slices; returns its state dict."""
+                    device: str | None = None, progress: bool = False,
+                    threads: int | None = None) -> dict:
+    """SimCLR pre-training of the UNet encoder on unlabelled slices; returns its state dict.
+
+    ``threads`` sets torch's thread count while training (``None``: unchanged).
+    """
     images = np.asarray(images, np.float32)
     if len(images) < 2:
         raise SamliverError("SimCLR needs at least 2 unlabelled slices.")
+    with num_threads(threads):
+        return _pretrain_simclr(images, steps=steps, batch_size=batch_size,
+                                temperature=temperature, lr=lr, crop=crop, seed=seed,
+                                device=device, progress=progress)
+
+
+def _pretrain_simclr(images: np.ndarray, *, steps: int, batch_size: int, temperature: float,
+                     lr: float, crop: int, seed: int, device: str | None,
+                     progress: bool) -> dict:
     device = get_device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -193,12 +217,14 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
                       ssl: bool = False, steps: int = 300, ssl_steps: int = 150, seed: int = 0,
                       window: str = "abdomen", device: str | None = None,
                       unlabelled_slices: list[int] | None = None,
-                      postprocess_pred: bool = True) -> dict:
+                      postprocess_pred: bool = True, threads: int | None = None,
+                      lr: float = 2e-3) -> dict:
     """Train (optionally SimCLR-pre-trained) UNet on ``train_slices``; global Dice on ``test_slices``.
 
     ``unlabelled_slices`` for SimCLR default to every slice not in ``train_slices``.
     ``postprocess_pred`` (default True) applies the same ``inference.postprocess`` as the heads
-    get, so the comparison is like for like.
+    get, so the comparison is like for like. ``threads`` (torch threads while training) and
+    ``lr`` (the UNet's peak one-cycle rate) go to :func:`train_unet` / :func:`pretrain_simclr`.
     Returns ``{method, liver_dice, tumour_dice, pred (test labels)}``.
     """
     from .preprocess import window_to_unit
@@ -211,9 +237,10 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
         pool = unlabelled_slices
         if pool is None:
             pool = [z for z in range(unit.shape[0]) if z not in set(train_slices)]
-        enc = pretrain_simclr(unit[pool], steps=ssl_steps, seed=seed, device=device)
+        enc = pretrain_simclr(unit[pool], steps=ssl_steps, seed=seed, device=device,
+                              threads=threads)
     net = train_unet(unit[train_slices], volume.label[train_slices], steps=steps, seed=seed,
-                     encoder_state=enc, device=device)
+                     encoder_state=enc, device=device, threads=threads, lr=lr)
     pred = predict_unet(net, unit[test_slices])
     if postprocess_pred:
         from .inference import postprocess

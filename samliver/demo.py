@@ -76,11 +76,14 @@ STEPS: list[Callable[[DemoContext], None]] = [step_fetch, step_summary, step_ove
 # ----------------------------------------------------------------------------------------
 DEMO_HEAD = "cnn"  # the best prompt-free head measured on the sample (README, report)
 DEMO_K = 8
-# Batch 4 x 260 steps: measured on the sample, 0.976 / 0.864 Dice in 170 s of training, vs.
-# 0.979 / 0.873 in 274 s for batch 8 x 200 steps; the smaller batch keeps a cold `make demo`
-# under 15 minutes on a 2-core CPU (`samliver train` keeps the full recipe).
-DEMO_STEPS = 260
+# Batch 4 x 130 steps at lr 2e-3 with the refinement block at S/2 (the sample's native 128 px):
+# on the demo split 0.976 / 0.865 test Dice vs 0.976 / 0.864 for the former batch 4 x 260
+# steps at lr 1e-3 with the block at S, in 0.41x the time (docs/training_speed.md).
+DEMO_STEPS = 130
 DEMO_BATCH = 4
+DEMO_LR = 2e-3
+DEMO_WARMUP = 10
+DEMO_HEAD_OPTIONS = {"refine_size": 128}
 # The demo's zero-shot baseline: a tight box per slice for the liver and per lesion (the
 # strongest prompts, DESIGN.md's reference figures). 3D propagation is left to
 # `samliver zero-shot` and notebook 03: it decodes one lesion at a time across many slices,
@@ -171,16 +174,24 @@ def step_zero_shot(ctx: DemoContext) -> None:
               f"tumour Dice {row.get('tumour_dice')}")
 
 
+def demo_train_config(fast: bool = False):
+    """The demo's training recipe (a ``TrainConfig``; ``fast``: the shortened CI run)."""
+    from .training import TrainConfig
+
+    return TrainConfig(kind=DEMO_HEAD, steps=60 if fast else DEMO_STEPS, batch_size=DEMO_BATCH,
+                       lr=DEMO_LR, warmup=DEMO_WARMUP, head_options=dict(DEMO_HEAD_OPTIONS),
+                       val_fraction=0.0, eval_every=100, seed=0)
+
+
 def step_train_head(ctx: DemoContext) -> None:
     """Train (or load from the cache) the best head on the K labelled slices."""
     import shutil
 
-    from .training import TrainConfig, load_head, plot_curves, slice_tensors, train_head
+    from .training import load_head, plot_curves, slice_tensors, train_head
 
     model, emb = ctx.results["model"], ctx.results["embeddings"]
     train = ctx.results["split"]["train"]
-    config = TrainConfig(kind=DEMO_HEAD, steps=60 if ctx.fast else DEMO_STEPS, batch_size=DEMO_BATCH, val_fraction=0.0,
-                         eval_every=100, seed=0)
+    config = demo_train_config(ctx.fast)
     cached = _head_cache_path(ctx.volume, model, train, config)
     if cached.exists():
         head = load_head(cached, model)

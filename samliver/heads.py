@@ -59,6 +59,13 @@ class _ImageSkip(nn.Module):
         return self.net(image)
 
 
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a square map to ``size`` (no-op when it already is)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 class _UpPath(nn.Module):
     """Upsampling from the embedding grid to the model-input frame ``S``.
 
@@ -68,20 +75,26 @@ class _UpPath(nn.Module):
     """
 
     def __init__(self, in_ch: int, n_classes: int, out_size: int, embed_hw: int = 64,
-                 use_image: bool = True, width: int = 32, full_res: bool = False) -> None:
+                 use_image: bool = True, width: int = 32, full_res: bool = False,
+                 refine_size: int | None = None) -> None:
         super().__init__()
         self.out_size = out_size
-        # Optional last block at the full input resolution: upsampled logits + a few image
-        # features at S, a residual refinement (lesion edges finer than S/2 pixels).
+        self.mid_size = max(embed_hw, out_size // 2)
+        # Optional last block: logits + the image at ``refine_size`` (default S, the full
+        # input resolution), a residual refinement (lesion edges finer than S/2 pixels). At
+        # S/2 it costs a quarter (the refined logits are then upsampled bilinearly).
+        self.refine_size = int(refine_size or out_size)
+        if not self.mid_size <= self.refine_size <= out_size:
+            raise SamliverError(f"refine_size must lie in [{self.mid_size}, {out_size}], "
+                                f"got {refine_size}.")
         self.full = (nn.Sequential(nn.Conv2d(n_classes + 1, 16, 3, padding=1), _gn(16),
                                    nn.GELU(), nn.Conv2d(16, n_classes, 3, padding=1))
-                     if full_res and use_image and out_size > max(embed_hw, out_size // 2)
+                     if full_res and use_image and out_size > self.mid_size
                      else None)
         if self.full is not None:  # start as the identity: the refinement is learned on top
             nn.init.zeros_(self.full[-1].weight)
             nn.init.zeros_(self.full[-1].bias)
         self.use_image = use_image
-        self.mid_size = max(embed_hw, out_size // 2)
         self.up = nn.Sequential(nn.ConvTranspose2d(in_ch, width, 2, stride=2), _gn(width), nn.GELU())
         skip_ch = 16 if use_image else 0
         self.skip = _ImageSkip(skip_ch) if use_image else None
@@ -92,6 +105,8 @@ class _UpPath(nn.Module):
 
     def forward(self, x: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         full_image = image if image is not None and image.shape[-1] == self.out_size else None
+        if full_image is not None and self.refine_size != self.out_size:
+            full_image = F.interpolate(full_image, size=(self.refine_size,) * 2, mode="area")
         x = self.up(x)
         if x.shape[-1] != self.mid_size:
             x = F.interpolate(x, size=(self.mid_size, self.mid_size), mode="bilinear",
@@ -104,12 +119,10 @@ class _UpPath(nn.Module):
                                       mode="area")
             x = torch.cat([x, self.skip(image)], dim=1)
         x = self.fuse(x)
-        if x.shape[-1] != self.out_size:
-            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear",
-                              align_corners=False)
         if self.full is not None and full_image is not None:
+            x = _resize(x, self.refine_size)
             x = x + self.full(torch.cat([x, full_image], dim=1))
-        return x
+        return _resize(x, self.out_size)
 
 
 class LinearHead(nn.Module):
@@ -132,7 +145,8 @@ class CNNHead(nn.Module):
 
     def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
                  width: int = 128, depth: int = 1, use_image: bool = True,
-                 dropout: float = 0.1, embed_hw: int = 64, full_res: bool = True) -> None:
+                 dropout: float = 0.1, embed_hw: int = 64, full_res: bool = True,
+                 refine_size: int | None = None) -> None:
         super().__init__()
         self.uses_image = use_image
         # 1x1 reduction first: a 3x3 conv on all 256 channels is most of the cost on a CPU.
@@ -142,7 +156,7 @@ class CNNHead(nn.Module):
             blocks += [nn.Conv2d(width, width, 3, padding=1), _gn(width), nn.GELU()]
         self.body = nn.Sequential(*blocks)
         self.up = _UpPath(width, n_classes, out_size, embed_hw=embed_hw, use_image=use_image,
-                          width=32, full_res=full_res)
+                          width=32, full_res=full_res, refine_size=refine_size)
 
     def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         return self.up(self.body(emb), image)

@@ -16,6 +16,7 @@ training safely, keeping the last good state and checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -58,6 +59,10 @@ class TrainConfig:
     seed: int = 0
     head_options: dict = field(default_factory=dict)
     device: str | None = None
+    # Speed options (the model is the same; see docs/training_speed.md for what each is worth).
+    channels_last: bool = False  # NHWC activations: oneDNN's faster conv layout on a CPU
+    bf16: bool | None = False  # bfloat16 autocast; None: on where the CPU has it natively
+    threads: int | None = None  # torch intra-op threads while training (None: leave as is)
 
     def learning_rate(self) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR.get(self.kind, 1e-3))
@@ -362,6 +367,39 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in val], val
 
 
+def bf16_native(device: str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively (CPU: AVX512-BF16 / AMX; CUDA: Ampere+).
+
+    Elsewhere bf16 autocast is emulated and slower than float32, so ``TrainConfig(bf16=None)``
+    turns it on only where this is True.
+    """
+    if torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def _autocast(bf16: bool | None, device: str) -> Any:
+    """A bfloat16 autocast context (``None``: only where native), else a no-op context."""
+    on = bf16_native(device) if bf16 is None else bool(bf16)
+    dev = torch.device(device).type
+    if not on or dev not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(dev, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Set torch's intra-op thread count inside the block (``None``: unchanged), then restore it."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None = None,
                config: TrainConfig | None = None, model: Any = None,
                model_info: dict | None = None, checkpoint: str | Path | None = None,
@@ -373,8 +411,19 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
     ``images`` ``(N,S,S)`` in [0,1] feed heads with an image skip. ``val_data`` =
     ``(emb, labels, images)`` overrides the automatic hold-out. ``checkpoint`` is written at
     every improvement (best state) and at the end; ``resume`` continues from a checkpoint
-    (same data and config). Returns the best head (eval mode) and the history.
+    (same data and config). ``config.threads`` sets torch's thread count for the run.
+    Returns the best head (eval mode) and the history.
     """
+    with num_threads((config or TrainConfig()).threads):
+        return _train_head(emb, labels, images=images, config=config, model=model,
+                           model_info=model_info, checkpoint=checkpoint, resume=resume,
+                           progress=progress, curves_path=curves_path, val_data=val_data)
+
+
+def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None,
+                config: TrainConfig | None, model: Any, model_info: dict | None,
+                checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
+                curves_path: str | Path | None, val_data: tuple | None) -> TrainResult:
     config = copy.deepcopy(config or TrainConfig())
     emb = np.asarray(emb, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
@@ -407,6 +456,9 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
         raise SamliverError(f"Labels are {labels.shape[-1]}px but the head outputs "
                             f"{head.out_size}px: give labels in the model-input frame.")
     head.to(device)
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    head.to(memory_format=fmt)
+    amp = _autocast(config.bf16, device)
     uses_image = bool(getattr(head, "uses_image", False))
     if uses_image and images is None:
         raise SamliverError("This head uses the slice image: pass images= (or use_image=False).")
@@ -464,9 +516,11 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
         x, y = x_all[idx], y_all[idx]
         im = im_all[idx] if im_all is not None else None
         x, y, im = _augment(x, y, im, config.augment, gen)
-        x, y = x.to(device), y.to(device)
-        im = im.to(device) if im is not None else None
-        loss = seg_loss(head(x, image=im), y, config.tumour_weight, config.dice_weight)
+        x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
+        im = im.to(device).contiguous(memory_format=fmt) if im is not None else None
+        with amp:
+            logits = head(x, image=im)
+        loss = seg_loss(logits.float(), y, config.tumour_weight, config.dice_weight)
         if not torch.isfinite(loss):
             history["stopped"] = f"non-finite loss at step {step}"
             head.load_state_dict(last_good)
@@ -510,8 +564,44 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
                         if history["step"] else start)
     if curves_path:
         plot_curves(history, curves_path)
-    head.eval()
+    head.to(memory_format=torch.contiguous_format).eval()
     return TrainResult(head=head, history=history, checkpoint=Path(checkpoint) if checkpoint else None)
+
+
+def time_demo_recipe(config: TrainConfig | None = None, *, embeddings: Any = None) -> dict:
+    """Train the demo's head on the sample's demo split and score it, timed (for benchmarks).
+
+    ``config`` defaults to the demo recipe (``demo.demo_train_config()``). The sample and the
+    LiteMedSAM embeddings of every slice come from the caches (the first call encodes them,
+    which is not timed). Test Dice as the demo reports it: the other 120 slices, post-processed,
+    global over the stack.
+
+    Returns:
+        ``{"seconds", "ms_per_step", "steps", "liver_dice", "tumour_dice", "threads"}``.
+    """
+    from .datasets import protocol_split
+    from .demo import DEMO_K, demo_train_config
+    from .embeddings import embed_volume
+    from .inference import postprocess, predict_volume
+    from .models import get_model
+    from .sample import fetch_sample, load_sample
+
+    fetch_sample()
+    volume = load_sample()
+    model = get_model("litemedsam")
+    embeddings = embeddings or embed_volume(volume, model, progress=False)
+    train, test = protocol_split(volume.label, protocol="sparse", k=DEMO_K)
+    config = config or demo_train_config()
+    x, y, images = slice_tensors(volume, embeddings, train)
+    res = train_head(x, y, images=images, config=config, model=model, progress=False)
+    raw = predict_volume(volume, model, res.head, embeddings=embeddings, slices=test,
+                         postprocess_label=False, progress=False)
+    pred, gt = postprocess(raw[test]), volume.label[test]
+    n = max(1, len(res.history["step"]))
+    return {"seconds": res.history["seconds"], "ms_per_step": 1e3 * res.history["seconds"] / n,
+            "steps": n, "liver_dice": _dice(pred >= 1, gt >= 1),
+            "tumour_dice": _dice(pred == 2, gt == 2),
+            "threads": config.threads or torch.get_num_threads()}
 
 
 def pseudo_labels(probs: np.ndarray, threshold: float = 0.9) -> np.ndarray:

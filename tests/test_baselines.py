@@ -52,3 +52,16 @@ def test_run_baseline_records_and_errors():
         run_unet_baseline(CTVolume(hu=vol.hu), [0], [1])
     with pytest.raises(SamliverError):
         train_unet(np.zeros((0, 8, 8)), np.zeros((0, 8, 8)))
+
+
+def test_thread_option_is_scoped_and_deterministic():
+    """threads= applies while training only; a seed gives the same network twice."""
+    vol = _volume()
+    unit = np.clip((vol.hu + 160) / 400, 0, 1)
+    before = torch.get_num_threads()
+    a = train_unet(unit[:2], vol.label[:2], steps=3, batch_size=2, threads=1, seed=4)
+    b = train_unet(unit[:2], vol.label[:2], steps=3, batch_size=2, threads=1, seed=4)
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    enc = pretrain_simclr(unit, steps=2, batch_size=4, crop=24, threads=1)
+    assert torch.get_num_threads() == before and set(enc) == set(UNet().encoder.state_dict())

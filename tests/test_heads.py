@@ -80,3 +80,20 @@ def test_cnn_full_resolution_refinement_starts_as_identity():
     assert torch.allclose(out, head(emb, image=image))
     # without the image skip there is nothing to refine with
     assert build_head("cnn", full_res=True, use_image=False).up.full is None
+
+
+def test_cnn_refinement_at_half_resolution():
+    """refine_size=S/2 refines at the skip's resolution (a quarter of the cost), still starts as
+    the identity, outputs S x S, and is stored in the head's options for checkpoints."""
+    torch.manual_seed(0)
+    head = build_head("cnn", refine_size=128).eval()
+    assert head.options["refine_size"] == 128 and head.up.full is not None
+    emb, image = torch.randn(1, 256, 64, 64), torch.rand(1, 1, 256, 256)
+    out = head(emb, image=image)
+    assert out.shape == (1, 3, 256, 256)
+    head.up.full = None
+    assert torch.allclose(out, head(emb, image=image))
+    with pytest.raises(SamliverError, match="refine_size"):
+        build_head("cnn", refine_size=512)
+    with pytest.raises(SamliverError, match="refine_size"):
+        build_head("cnn", refine_size=64)

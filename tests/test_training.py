@@ -124,6 +124,80 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in head.parameters())
 
 
+def test_speed_options_train_restore_threads_and_checkpoint_loads(tmp_path):
+    """channels_last + bf16 autocast + a thread count: finite loss, loadable checkpoint, the
+    caller's thread count restored, and a contiguous head whose predictions match the file."""
+    emb, lab, img = _synthetic()
+    threads = torch.get_num_threads()
+    ckpt = tmp_path / "fast.pt"
+    cfg = TrainConfig(kind="cnn", steps=6, batch_size=2, val_fraction=0, eval_every=3,
+                      channels_last=True, bf16=True, threads=1)
+    res = train_head(emb, lab, images=img, config=cfg, checkpoint=ckpt, progress=False)
+    assert torch.get_num_threads() == threads
+    assert len(res.history["loss"]) == 6 and np.isfinite(res.history["loss"]).all()
+    assert all(p.is_contiguous() for p in res.head.parameters())
+    head = load_head(ckpt)
+    assert head.checkpoint_info["config"]["channels_last"] is True
+    np.testing.assert_allclose(predict_logits(head, emb, img), predict_logits(res.head, emb, img),
+                               atol=1e-5)
+
+
+def test_training_is_deterministic_for_a_seed_with_speed_options():
+    emb, lab, img = _synthetic()
+    cfg = TrainConfig(kind="cnn", steps=5, batch_size=2, val_fraction=0, eval_every=5,
+                      channels_last=True, threads=1, seed=3)
+    a = train_head(emb, lab, images=img, config=cfg, progress=False)
+    b = train_head(emb, lab, images=img, config=cfg, progress=False)
+    assert a.history["loss"] == b.history["loss"]
+    for pa, pb in zip(a.head.parameters(), b.head.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch):
+    """bf16=None autocasts only where bfloat16 is native; True / False force it."""
+    monkeypatch.setattr(training, "bf16_native", lambda device="cpu": False)
+    with training._autocast(None, "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with training._autocast(True, "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(training, "bf16_native", lambda device="cpu": True)
+    with training._autocast(None, "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with training._autocast(False, "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_demo_uses_the_fast_recipe(monkeypatch, tmp_path):
+    """The demo trains with ``demo_train_config`` (the recipe timed in docs/training_speed.md)."""
+    from samliver import demo
+
+    cfg = demo.demo_train_config()
+    assert (cfg.kind, cfg.steps, cfg.batch_size) == (demo.DEMO_HEAD, demo.DEMO_STEPS, demo.DEMO_BATCH)
+    assert cfg.lr == demo.DEMO_LR and cfg.warmup == demo.DEMO_WARMUP
+    assert cfg.head_options == demo.DEMO_HEAD_OPTIONS == {"refine_size": 128}
+    assert demo.demo_train_config(fast=True).steps < cfg.steps
+    seen = {}
+
+    def fake_train(x, y, *, config, **kw):
+        seen["config"] = config
+        raise RuntimeError("stop after the config is chosen")
+
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
+    monkeypatch.setattr(training, "train_head", fake_train)
+    monkeypatch.setattr(training, "slice_tensors", lambda *a, **k: (None, None, None))
+
+    class Model:
+        name, weights_id = "fake", "abc"
+
+    ctx = demo.DemoContext(out_dir=tmp_path, volume=type("V", (), {"hu": np.zeros((2, 4, 4)),
+                                                                   "label": np.zeros((2, 4, 4))})())
+    ctx.results.update(model=Model(), embeddings=type("E", (), {"window": "abdomen"})(),
+                       split={"train": [0]})
+    with pytest.raises(RuntimeError, match="stop"):
+        demo.step_train_head(ctx)
+    assert seen["config"] == cfg
+
+
 def test_bad_inputs():
     emb, lab, img = _synthetic()
     with pytest.raises(SamliverError):
