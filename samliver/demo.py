@@ -76,10 +76,10 @@ STEPS: list[Callable[[DemoContext], None]] = [step_fetch, step_summary, step_ove
 # ----------------------------------------------------------------------------------------
 DEMO_HEAD = "cnn"  # the best prompt-free head measured on the sample (README, report)
 DEMO_K = 8
-# Batch 4 x 130 steps at lr 2e-3 with the refinement block at S/2 (the sample's native 128 px):
-# on the demo split 0.976 / 0.865 test Dice vs 0.976 / 0.864 for the former batch 4 x 260
-# steps at lr 1e-3 with the block at S, in 0.41x the time (docs/training_speed.md).
-DEMO_STEPS = 130
+# Batch 4 x 115 steps at lr 2e-3 with the refinement block at S/2 (the sample's native 128 px):
+# on the demo split 0.975 / 0.863 test Dice vs 0.976 / 0.864 for the former batch 4 x 260
+# steps at lr 1e-3 with the block at S, in 2.8-3.3x less time (docs/training_speed.md).
+DEMO_STEPS = 115
 DEMO_BATCH = 4
 DEMO_LR = 2e-3
 DEMO_WARMUP = 10

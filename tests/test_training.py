@@ -131,13 +131,15 @@ def test_speed_options_train_restore_threads_and_checkpoint_loads(tmp_path):
     threads = torch.get_num_threads()
     ckpt = tmp_path / "fast.pt"
     cfg = TrainConfig(kind="cnn", steps=6, batch_size=2, val_fraction=0, eval_every=3,
-                      channels_last=True, bf16=True, threads=1)
+                      channels_last=True, bf16=True, threads=1,
+                      head_options={"refine_size": 16})  # refinement at S/2, as the demo's
     res = train_head(emb, lab, images=img, config=cfg, checkpoint=ckpt, progress=False)
     assert torch.get_num_threads() == threads
     assert len(res.history["loss"]) == 6 and np.isfinite(res.history["loss"]).all()
     assert all(p.is_contiguous() for p in res.head.parameters())
     head = load_head(ckpt)
     assert head.checkpoint_info["config"]["channels_last"] is True
+    assert head.up.refine_size == 16 and head.up.full is not None
     np.testing.assert_allclose(predict_logits(head, emb, img), predict_logits(res.head, emb, img),
                                atol=1e-5)
 
