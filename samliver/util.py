@@ -156,7 +156,9 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), overwrite:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise SamliverError(f"Cannot create the folder {parent} for {what} {out} ({err.strerror}). "
+        why = "a file of that name is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) \
+            else err.strerror
+        raise SamliverError(f"Cannot create the folder {parent} for {what} {out} ({why}). "
                             "Choose a writable location.") from err
     # Probe with a real file: permission bits say nothing for root or on read-only mounts.
     try:
