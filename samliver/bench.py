@@ -215,7 +215,15 @@ def _encoder_candidates(model, volume, window, *, quick: bool, int8: bool):
             out.append((name, backend, precision, err, ""))
             continue
         prep = time.perf_counter() - t0
-        out.append((name, backend, precision, variant.encode, f"model.encode on {backend}/{precision}; first call (export/compile, cached after) {prep:.1f} s"))
+        def per_slice(batch, _encode=variant.encode):
+            # one slice per call, as embed_volume runs on a CPU (default_batch_size)
+            return torch.cat([_encode(batch[i : i + 1]) for i in range(len(batch))])
+
+        out.append((name, backend, precision, per_slice, f"model.encode on {backend}/{precision}, one slice per call; "
+                    f"first call (export/compile, cached after) {prep:.1f} s"))
+        if backend == "torch" and precision == "fp32":
+            out.append(("torch_fp32_batched", backend, precision, variant.encode,
+                        "model.encode on torch/fp32, all timed slices in one call (the old batch-4 default)"))
     return out, tmp
 
 
