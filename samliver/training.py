@@ -375,8 +375,9 @@ def bf16_native(device: str = "cpu") -> bool:
     """
     if torch.device(device).type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe and probe())
+    from .backends import native_bf16
+
+    return native_bf16()  # one CPU check for the encoder backends and training
 
 
 def _autocast(bf16: bool | None, device: str) -> Any:
