@@ -106,7 +106,7 @@ def _result_cache_path(folder: str, volume, model, name: str, suffix: str, **key
     from .util import cache_dir, sha256_array
 
     key.update(volume=sha256_array(volume.hu), label=sha256_array(volume.label), model=model.name,
-               weights=model.weights_id, encoder=f"{model.backend}/{model.precision}")
+               weights=model.weights_id, encoder=f"{getattr(model, 'backend', 'torch')}/{getattr(model, 'precision', 'fp32')}")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir(folder) / f"{name}_{digest}{suffix}"
 
