@@ -210,7 +210,10 @@ class SamModel:
             )
         previous = torch.get_num_threads()
         threads = self.num_threads if self.num_threads else (auto_num_threads() if self.device == "cpu" else None)
-        wanted = (self.backend, self.precision, self.device, threads if self.backend != "torch" else None)
+        # An engine fixes its thread count when compiled: rebuild it when the backend or an
+        # explicit num_threads changes, not when auto_num_threads follows the load average
+        # (an OpenVINO compile costs ~1.5 s; flipping with the load would recompile mid-volume).
+        wanted = (self.backend, self.precision, self.device, self.num_threads if self.backend != "torch" else None)
         if self._runner is None or self._runner_for != wanted:
             self._runner, self._runner_for = build_runner(self, self.backend, self.precision, threads), wanted
         if threads and threads != previous:
