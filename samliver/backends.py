@@ -407,9 +407,3 @@ def build_runner(model: Any, backend: str, precision: str, threads: int | None =
     if backend == "openvino":
         return OpenVINOEncoder(model, precision, threads)
     raise SamliverError(f"Unknown backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}.")
-
-
-def describe(backend: str, precision: str) -> str:
-    """A short label such as ``openvino/fp32`` for logs and tables."""
-    return f"{backend}/{precision}"
-

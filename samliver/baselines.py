@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .training import num_threads, seg_loss
-from .util import SamliverError, get_device
+from .training import seg_loss
+from .util import SamliverError, get_device, torch_threads
 
 
 def _block(i: int, o: int) -> nn.Sequential:
@@ -98,7 +98,7 @@ def train_unet(images: np.ndarray, labels: np.ndarray, *, steps: int = 300, batc
     labels = np.asarray(labels, np.int64)
     if len(images) == 0:
         raise SamliverError("No labelled slices for the UNet baseline.")
-    with num_threads(threads):
+    with torch_threads(threads):
         return _train_unet(images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                            encoder_state=encoder_state, device=device, progress=progress,
                            tumour_weight=tumour_weight)
@@ -172,7 +172,7 @@ def pretrain_simclr(images: np.ndarray, *, steps: int = 150, batch_size: int = 1
     images = np.asarray(images, np.float32)
     if len(images) < 2:
         raise SamliverError("SimCLR needs at least 2 unlabelled slices.")
-    with num_threads(threads):
+    with torch_threads(threads):
         return _pretrain_simclr(images, steps=steps, batch_size=batch_size,
                                 temperature=temperature, lr=lr, crop=crop, seed=seed,
                                 device=device, progress=progress)

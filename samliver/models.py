@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .util import SamliverError, atomic_write_text, cache_dir, get_device, sha256_file
+from .util import SamliverError, atomic_write_text, cache_dir, get_device, sha256_file, torch_threads
 
 # SAM's ImageNet pixel statistics on the 0-255 scale (segment_anything.modeling.Sam defaults).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -199,8 +199,6 @@ class SamModel:
         engine is built (and, for ONNX Runtime/OpenVINO, exported into the cache) on first use.
         Output is on the model's device for torch, on the CPU otherwise.
         """
-        import torch
-
         from .backends import build_runner
 
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[-2:]) != (self.image_size,) * 2:
@@ -208,21 +206,22 @@ class SamModel:
                 f"{self.name} expects a batch (B, 3, {self.image_size}, {self.image_size}), "
                 f"got {tuple(batch.shape)}. Use model.prepare(slice) to build it."
             )
-        previous = torch.get_num_threads()
-        threads = self.num_threads if self.num_threads else (auto_num_threads() if self.device == "cpu" else None)
+        threads = self.cpu_threads()
         # An engine fixes its thread count when compiled: rebuild it when the backend or an
         # explicit num_threads changes, not when auto_num_threads follows the load average
         # (an OpenVINO compile costs ~1.5 s; flipping with the load would recompile mid-volume).
         wanted = (self.backend, self.precision, self.device, self.num_threads if self.backend != "torch" else None)
         if self._runner is None or self._runner_for != wanted:
             self._runner, self._runner_for = build_runner(self, self.backend, self.precision, threads), wanted
-        if threads and threads != previous:
-            torch.set_num_threads(int(threads))
-        try:
+        with torch_threads(threads):  # no lasting change to the process's torch settings
             return self._runner(batch)
-        finally:
-            if threads and threads != previous:
-                torch.set_num_threads(previous)  # no lasting change to the process's torch settings
+
+    def cpu_threads(self) -> int | None:
+        """Torch CPU threads for this model's work (encoder, decoder): ``num_threads`` if set, else
+        :func:`auto_num_threads` on a CPU; None (torch's own setting) on other devices."""
+        if self.num_threads:
+            return int(self.num_threads)
+        return auto_num_threads() if str(self.device).split(":")[0] == "cpu" else None
 
     def set_backend(self, backend: str | None = None, precision: str | None = None) -> "SamModel":
         """Choose how :meth:`encode` runs (``"auto"``/None: see :func:`samliver.backends.resolve`); returns self."""

@@ -15,36 +15,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .util import SamliverError
+from .util import SamliverError, torch_threads
 
 
 DECODERS = ("auto", "shared", "reference")
-
-
-@contextmanager
-def _cpu_threads(model, device_type: str) -> Iterator[None]:
-    """Torch CPU threads for decoding, chosen as for the encoder: ``model.num_threads`` if set, else
-    :func:`samliver.models.auto_num_threads` (1 on an oversubscribed machine, where 2 threads
-    decoded 2-6x slower than 1 in ``docs/decoder_speed.md``). Restored afterwards."""
-    import torch
-
-    from .models import auto_num_threads
-
-    threads = model.num_threads if model.num_threads else (auto_num_threads() if device_type == "cpu" else None)
-    previous = torch.get_num_threads()
-    if threads and threads != previous:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        if threads and threads != previous:
-            torch.set_num_threads(previous)
 
 
 class Predictor:
@@ -249,7 +227,9 @@ class Predictor:
             labels_t = labels_t.expand(n, -1)
         if mask_t is not None and n > 1 and mask_t.shape[0] == 1:
             mask_t = mask_t.expand(n, -1, -1, -1)
-        with torch.inference_mode(), _cpu_threads(self.model, self.features.device.type):
+        # Threads as for the encoder (model.cpu_threads): 1 on an oversubscribed machine, where 2
+        # threads decoded 2-6x slower than 1 (docs/decoder_speed.md); restored afterwards.
+        with torch.inference_mode(), torch_threads(self.model.cpu_threads()):
             sparse, dense = self.model.prompt_encoder(
                 points=None if coords_t is None else (coords_t, labels_t), boxes=box_t, masks=mask_t
             )
@@ -333,7 +313,7 @@ def time_box_to_mask(
     previous, previous_model = torch.get_num_threads(), model.num_threads
     if num_threads:
         torch.set_num_threads(int(num_threads))
-        model.num_threads = int(num_threads)  # predict() would otherwise pick its own (see _cpu_threads)
+        model.num_threads = int(num_threads)  # predict() would otherwise pick its own (model.cpu_threads)
     try:
         shared, reference = Predictor(model, decoder="shared"), Predictor(model, decoder="reference")
         for p in (shared, reference):

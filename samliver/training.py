@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from .heads import build_head
-from .util import SamliverError, atomic_path, fast_mode, get_device
+from .util import SamliverError, atomic_path, fast_mode, get_device, torch_threads
 
 CHECKPOINT_FORMAT = "samliver-head-1"
 IGNORE = 255  # label value that the loss skips (unconfident pseudo-labels)
@@ -389,18 +389,6 @@ def _autocast(bf16: bool | None, device: str) -> Any:
     return torch.autocast(dev, dtype=torch.bfloat16)
 
 
-@contextlib.contextmanager
-def num_threads(n: int | None):
-    """Set torch's intra-op thread count inside the block (``None``: unchanged), then restore it."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None = None,
                config: TrainConfig | None = None, model: Any = None,
                model_info: dict | None = None, checkpoint: str | Path | None = None,
@@ -415,7 +403,7 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
     (same data and config). ``config.threads`` sets torch's thread count for the run.
     Returns the best head (eval mode) and the history.
     """
-    with num_threads((config or TrainConfig()).threads):
+    with torch_threads((config or TrainConfig()).threads):
         return _train_head(emb, labels, images=images, config=config, model=model,
                            model_info=model_info, checkpoint=checkpoint, resume=resume,
                            progress=progress, curves_path=curves_path, val_data=val_data)

@@ -101,6 +101,25 @@ def sha256_array(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Set torch's intra-op CPU threads to ``n`` inside the block (None: unchanged), then restore them.
+
+    Args:
+        n: thread count, or None to leave torch's setting alone.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if n and int(n) != previous:
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def get_device(device: str | None = None) -> str:
     """Pick a torch device: ``device`` if given, else CUDA, then MPS, then CPU."""
     import torch
