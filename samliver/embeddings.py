@@ -78,7 +78,7 @@ class VolumeEmbeddings:
     """Cached embeddings of one volume: ``emb[z]`` -> float16 (256, 64, 64), memory-mapped.
 
     Attributes: model_name, weights_id, window (lo, hi), original_hw, slices (the requested,
-    computed z list), transform (the model's SliceTransform for this slice size), key, path.
+    computed z list), computed (those the last embed_volume call encoded), transform (the model's SliceTransform for this slice size), key, path.
     """
 
     def __init__(self, path: Path, key: dict, slices: list[int], original_hw: tuple[int, int], image_size: int):
@@ -91,6 +91,7 @@ class VolumeEmbeddings:
         self.window: tuple[float, float] = tuple(key["window"])  # type: ignore[assignment]
         self.original_hw = tuple(int(v) for v in original_hw)
         self.slices = sorted(int(z) for z in slices)
+        self.computed: list[int] = []  # slices the last embed_volume call encoded (the rest were cached)
         self.image_size = int(image_size)
         self.transform = SliceTransform(self.original_hw, target=self.image_size)
 
@@ -239,6 +240,7 @@ def embed_volume(
     folder = _prepare_cache_folder(root, key)
     result = VolumeEmbeddings(folder, key, zs, hu.shape[1:], model.image_size)
     todo = [z for z in zs if _read_slice(result.slice_path(z)) is None]
+    result.computed = list(todo)
     if not todo:
         return result
     lo, hi = key["window"]
@@ -349,11 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         if not zs:
             raise SamliverError(f"No slice of {args.volume} in --slices holds liver: widen --slices.")
     model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
-    cached = set(open_embeddings(volume, model, window=window).slices)
     t0 = time.perf_counter()
     emb = embed_volume(volume, model, slices=zs, window=window, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
-    computed = len([z for z in emb.slices if z not in cached])
+    computed = len(emb.computed)
     print(f"{computed} slices embedded, {len(emb.slices) - computed} reused from the cache, with "
           f"{model.name} in {dt:.1f} s -> {emb.path}")
     return 0
