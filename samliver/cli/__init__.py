@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from .util import SamliverError
+from ..util import SamliverError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,7 +53,7 @@ def _take_global_options(argv: list[str]) -> list[str]:
     Raises:
         SamliverError: an option given without a value, or a value get_model will not accept.
     """
-    from .backends import BACKENDS, PRECISIONS
+    from ..backends import BACKENDS, PRECISIONS
 
     allowed = {"--backend": ("auto", *BACKENDS), "--precision": ("auto", *PRECISIONS)}
     rest: list[str] = []
