@@ -220,7 +220,9 @@ class App:
 
         ``slices`` limits the prediction (default all; in FAST mode 16 slices around the middle).
         """
-        from .inference import format_burden, load_head_checked, predict_volume, tumour_burden
+        from .checkpoints import load_head_checked
+        from .inference import predict_volume
+        from .postprocess import format_burden, tumour_burden
         from .io import save_label_nifti
 
         if self.volume is None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .training import seg_loss
+from .losses import seg_loss
 from .util import SamliverError, get_device, torch_threads
 
 
@@ -243,7 +243,7 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
                      encoder_state=enc, device=device, threads=threads, lr=lr)
     pred = predict_unet(net, unit[test_slices])
     if postprocess_pred:
-        from .inference import postprocess
+        from .postprocess import postprocess
 
         pred = postprocess(pred)
     gt = volume.label[test_slices]

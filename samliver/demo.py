@@ -187,7 +187,9 @@ def step_train_head(ctx: DemoContext) -> None:
     """Train (or load from the cache) the best head on the K labelled slices."""
     import shutil
 
-    from .training import load_head, plot_curves, slice_tensors, train_head
+    from .checkpoints import load_head
+    from .training import plot_curves, train_head
+    from .training_data import slice_tensors
 
     model, emb = ctx.results["model"], ctx.results["embeddings"]
     train = ctx.results["split"]["train"]
@@ -214,7 +216,8 @@ def step_predict(ctx: DemoContext) -> None:
     """Predict the unlabelled (test) slices, post-process, write the label NIfTI."""
     import numpy as np
 
-    from .inference import postprocess, predict_volume
+    from .inference import predict_volume
+    from .postprocess import postprocess
     from .io import save_label_nifti
 
     test = ctx.results["split"]["test"]
@@ -237,7 +240,7 @@ def step_predict(ctx: DemoContext) -> None:
 
 def step_evaluate(ctx: DemoContext) -> None:
     """Global Dice over the test slices as one 3D region, the engine's metrics, tumour burden."""
-    from .inference import format_burden, tumour_burden
+    from .postprocess import format_burden, tumour_burden
 
     test = ctx.results["split"]["test"]
     gt, pred = ctx.volume.label[test], ctx.results["prediction"][test]
@@ -279,7 +282,7 @@ def _overlay_figure(volume, pred, zs, path) -> Path:
 
 def step_report(ctx: DemoContext) -> None:
     """Write outputs/report.md: the metric table and the figures."""
-    from .inference import format_burden
+    from .postprocess import format_burden
 
     r = ctx.results
     split, scores, history = r["split"], r["head_scores"], r.get("history") or {}

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .training import TrainConfig, parse_slices, slice_tensors, train_head, training_tensors
+from .training import TrainConfig, parse_slices, train_head
+from .training_data import slice_tensors, training_tensors
 from .training import self_train as self_train_head
 from .util import SamliverError, atomic_path, atomic_write_text, fast_mode
 
@@ -82,7 +83,8 @@ def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[in
 def _predict_scores(volume: Any, model: Any, head: Any, embeddings: Any, test: list[int],
                     postprocess_pred: bool = True) -> dict:
     """Predict ``test`` slices with ``head``; their scores and the prediction (``pred``)."""
-    from .inference import postprocess, predict_probabilities
+    from .inference import predict_probabilities
+    from .postprocess import postprocess
 
     _, probs = predict_probabilities(volume, model, head, embeddings=embeddings, slices=test,
                                      progress=False)

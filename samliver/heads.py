@@ -33,6 +33,7 @@ import copy
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -348,3 +349,32 @@ def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: Any =
     head.embed_hw = embed_hw
     head.out_size = out_size
     return head
+
+
+@torch.no_grad()
+def predict_logits(head: torch.nn.Module, emb: np.ndarray | torch.Tensor,
+                   images: np.ndarray | torch.Tensor | None = None, *, batch_size: int = 8,
+                   device: str | None = None, out_size: int | None = None,
+                   tta: bool = False) -> np.ndarray:
+    """Class probabilities ``(N, n_classes, S, S)`` float32 for embeddings (and images).
+
+    ``tta`` (default False) averages with the left-right flipped input (flip the embedding and
+    image, flip the prediction back), the flip the heads are trained with.
+    """
+    device = device or next(head.parameters()).device
+    head.eval()
+    outs = []
+    for i in range(0, len(emb), batch_size):
+        x = torch.as_tensor(np.asarray(emb[i:i + batch_size], dtype=np.float32), device=device)
+        im = None
+        if images is not None and getattr(head, "uses_image", False):
+            im = torch.as_tensor(np.asarray(images[i:i + batch_size], dtype=np.float32),
+                                 device=device)[:, None]
+        p = head(x, image=im).float().softmax(1)
+        if tta:
+            flipped = head(x.flip(-1), image=im.flip(-1) if im is not None else None)
+            p = 0.5 * (p + flipped.float().softmax(1).flip(-1))
+        if out_size and p.shape[-1] != out_size:
+            p = F.interpolate(p, size=(out_size, out_size), mode="bilinear", align_corners=False)
+        outs.append(p.cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0,))

@@ -29,11 +29,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .heads import build_head
+from .checkpoints import check_compatible, head_options, read_checkpoint, save_checkpoint
+from .evaluation import dice
+from .heads import build_head, predict_logits
+from .losses import IGNORE, seg_loss
+from .postprocess import postprocess
+from .training_data import augment_batch, slice_tensors, training_tensors
 from .util import SamliverError, atomic_path, fast_mode, get_device, torch_threads
 
-CHECKPOINT_FORMAT = "samliver-head-1"
-IGNORE = 255  # label value that the loss skips (unconfident pseudo-labels)
 # autosam: swept on the sample (sparse K = 8, 120 steps): tumour Dice 0.62 / 0.74 / 0.83 / 0.85
 # at 5e-5 / 2e-4 / 1e-3 / 3e-3. The decoder starts from SAM's single-mask output, far from
 # three classes, so it needs a head-like rate, not a fine-tuning one (README).
@@ -75,284 +78,11 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def slice_tensors(volume: Any, embeddings: Any, slices: list[int], *, window: str | None = None,
-                  need_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Embeddings, labels and images of ``slices`` in the model-input frame.
-
-    Returns ``(emb (N,C,h,w) float32, labels (N,S,S) int64 or None, images (N,S,S) float32)``.
-    """
-    from .preprocess import window_to_unit
-
-    if need_label and volume.label is None:
-        raise SamliverError(
-            f"{getattr(volume, 'source', 'The volume')} has no label: training needs labelled "
-            "slices. Pass a label file (load_volume(path, label_path=...)).")
-    window = window or getattr(embeddings, "window", "abdomen")
-    tf = embeddings.transform
-    emb = np.asarray(embeddings.stack(list(slices)), dtype=np.float32)
-    images = np.stack([tf.apply_image(window_to_unit(volume.hu[z], window)) for z in slices])
-    labels = None
-    if volume.label is not None:
-        labels = np.stack([tf.label_to_input(volume.label[z]) for z in slices]).astype(np.int64)
-    return emb, labels, images.astype(np.float32)
-
-
-def augmented_views(volume: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
-                    max_rotate: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
-                    max_shift: float = 0.05, hu_scale: tuple[float, float] = (0.9, 1.1),
-                    hu_shift: float = 20.0) -> Any:
-    """``n_views`` randomly transformed copies of each labelled slice, as a small CTVolume.
-
-    Augmentations a frozen encoder has to see rather than have applied to its embedding:
-    rotation (default up to +-15 degrees), scaling (0.85-1.15), shift (5 % of the size) and an
-    HU gain/offset (0.9-1.1, +-20 HU). Image linear, label nearest; outside fills with the
-    slice's minimum HU (air). Deterministic for a seed, so its embeddings hit the cache the
-    next time. Order: view 0 of every slice, then view 1, ...
-    """
-    from scipy import ndimage
-
-    from .io import CTVolume
-
-    if volume.label is None:
-        raise SamliverError("Augmented views need a labelled volume.")
-    rng = np.random.default_rng(seed)
-    hu_out, lab_out = [], []
-    for _ in range(int(n_views)):
-        for z in slices:
-            hu, lab = volume.hu[z].astype(np.float32), volume.label[z]
-            angle = np.deg2rad(rng.uniform(-max_rotate, max_rotate))
-            s = rng.uniform(*scale)
-            shift = rng.uniform(-max_shift, max_shift, 2) * np.array(hu.shape)
-            # output -> input mapping about the centre: x_in = R(-a)/s (x_out - c - t) + c
-            c = (np.array(hu.shape) - 1) / 2
-            rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / s
-            offset = c - rot @ (c + shift)
-            hu_out.append(ndimage.affine_transform(hu, rot, offset, order=1, mode="constant",
-                                                   cval=float(hu.min()))
-                          * rng.uniform(*hu_scale) + rng.uniform(-hu_shift, hu_shift))
-            lab_out.append(ndimage.affine_transform(lab, rot, offset, order=0, mode="constant",
-                                                    cval=0))
-    return CTVolume(hu=np.stack(hu_out).astype(np.float32), label=np.stack(lab_out).astype(np.uint8),
-                    source=f"{getattr(volume, 'source', 'volume')} (augmented views, seed {seed})")
-
-
-def view_tensors(volume: Any, model: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
-                 window: str = "abdomen", progress: bool = False) -> tuple:
-    """Embeddings, labels and images of ``augmented_views`` (encoded once, then from the cache).
-
-    Returns the same ``(emb, labels, images)`` triple as ``slice_tensors``; append it to the
-    labelled slices' tensors to train on real and augmented views together.
-    """
-    from .embeddings import embed_volume
-
-    views = augmented_views(volume, slices, n_views=n_views, seed=seed)
-    embs = embed_volume(views, model, window=window, progress=progress)
-    return slice_tensors(views, embs, list(range(views.hu.shape[0])), window=window)
-
-
-def training_tensors(volume: Any, embeddings: Any, slices: list[int], *, model: Any = None,
-                     views: int = 0, seed: int = 0, progress: bool = False) -> tuple:
-    """``slice_tensors`` of the labelled ``slices`` followed by ``views`` cached augmented views
-    of each (default 0; needs ``model`` to encode them)."""
-    tensors = slice_tensors(volume, embeddings, slices)
-    if not views:
-        return tensors
-    extra = view_tensors(volume, model, slices, n_views=views, seed=seed,
-                         window=getattr(embeddings, "window", "abdomen"), progress=progress)
-    return tuple(np.concatenate([a, b]) for a, b in zip(tensors, extra))
-
-
-def _augment(x: torch.Tensor, y: torch.Tensor, im: torch.Tensor | None, mode: str,
-             gen: torch.Generator) -> tuple:
-    """Same random flip / rot90 for embedding, label and image of each sample."""
-    if mode == "none":
-        return x, y, im
-    xs, ys, ims = [], [], []
-    for i in range(x.shape[0]):
-        a, b = x[i], y[i]
-        c = im[i] if im is not None else None
-        if torch.rand(1, generator=gen).item() < 0.5:
-            a, b = a.flip(-1), b.flip(-1)
-            c = c.flip(-1) if c is not None else None
-        if "rot" in mode:
-            k = int(torch.randint(0, 4, (1,), generator=gen).item())
-            if k:
-                a, b = torch.rot90(a, k, (-2, -1)), torch.rot90(b, k, (-2, -1))
-                c = torch.rot90(c, k, (-2, -1)) if c is not None else None
-        xs.append(a), ys.append(b), ims.append(c)
-    return torch.stack(xs), torch.stack(ys), (torch.stack(ims) if im is not None else None)
-
-
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, tumour_weight: float = 3.0,
-             dice_weight: float = 1.0) -> torch.Tensor:
-    """Weighted cross-entropy + soft Dice (liver = classes >= 1, tumour = class 2), batch-global.
-
-    Pixels labelled ``IGNORE`` (255; e.g. unconfident pseudo-labels) count in neither term.
-    """
-    n = logits.shape[1]
-    w = torch.ones(n, device=logits.device)
-    if n > 2:
-        w[2] = tumour_weight
-    ce = F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE)
-    if not torch.isfinite(ce):  # every pixel ignored
-        ce = logits.sum() * 0.0
-    valid = (target != IGNORE).float()
-    target = torch.where(target == IGNORE, torch.zeros_like(target), target)
-    prob = logits.float().softmax(1) * valid[:, None]
-    dice_terms = []
-    regions = [(prob[:, 1:].sum(1), (target >= 1).float() * valid)]
-    if n > 2:
-        regions.append((prob[:, 2], (target == 2).float() * valid))
-    for p, g in regions:
-        inter = (p * g).sum()
-        dice_terms.append(1 - (2 * inter + 1) / (p.sum() + g.sum() + 1))
-    return ce + dice_weight * torch.stack(dice_terms).mean()
-
-
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    s = pred.sum() + gt.sum()
-    return float(2 * np.logical_and(pred, gt).sum() / s) if s else 1.0
-
-
-@torch.no_grad()
-def predict_logits(head: torch.nn.Module, emb: np.ndarray | torch.Tensor,
-                   images: np.ndarray | torch.Tensor | None = None, *, batch_size: int = 8,
-                   device: str | None = None, out_size: int | None = None,
-                   tta: bool = False) -> np.ndarray:
-    """Class probabilities ``(N, n_classes, S, S)`` float32 for embeddings (and images).
-
-    ``tta`` (default False) averages with the left-right flipped input (flip the embedding and
-    image, flip the prediction back), the flip the heads are trained with.
-    """
-    device = device or next(head.parameters()).device
-    head.eval()
-    outs = []
-    for i in range(0, len(emb), batch_size):
-        x = torch.as_tensor(np.asarray(emb[i:i + batch_size], dtype=np.float32), device=device)
-        im = None
-        if images is not None and getattr(head, "uses_image", False):
-            im = torch.as_tensor(np.asarray(images[i:i + batch_size], dtype=np.float32),
-                                 device=device)[:, None]
-        p = head(x, image=im).float().softmax(1)
-        if tta:
-            flipped = head(x.flip(-1), image=im.flip(-1) if im is not None else None)
-            p = 0.5 * (p + flipped.float().softmax(1).flip(-1))
-        if out_size and p.shape[-1] != out_size:
-            p = F.interpolate(p, size=(out_size, out_size), mode="bilinear", align_corners=False)
-        outs.append(p.cpu().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0,))
-
-
 def _val_scores(head, emb, labels, images, device) -> tuple[float, float]:
     pred = predict_logits(head, emb, images, device=device).argmax(1)
-    liver = _dice(pred >= 1, labels >= 1)
-    tumour = _dice(pred == 2, labels == 2) if (labels == 2).any() else float("nan")
+    liver = dice(pred >= 1, labels >= 1)
+    tumour = dice(pred == 2, labels == 2) if (labels == 2).any() else float("nan")
     return liver, tumour
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str | Path, head: torch.nn.Module, *, config: TrainConfig,
-                    model_info: dict | None = None, history: dict | None = None,
-                    optimizer: Any = None, scheduler: Any = None, step: int = 0) -> Path:
-    """Write a head checkpoint atomically (state, kind, options, config, model identity)."""
-    info = dict(model_info or {})
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "head_kind": head.kind,
-        "head_options": dict(head.options),
-        "n_classes": head.n_classes,
-        "embed_dim": head.embed_dim,
-        "embed_hw": head.embed_hw,
-        "out_size": head.out_size,
-        "embedding_shape": [head.embed_dim, head.embed_hw, head.embed_hw],
-        "model_name": info.get("model_name"),
-        "weights_id": info.get("weights_id"),
-        "window": info.get("window", "abdomen"),
-        "config": asdict(config),
-        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "step": step,
-        "history": history or {},
-    }
-    path = Path(path)
-    with atomic_path(path, suffix=".tmp") as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def _read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SamliverError(f"Head checkpoint {path} not found: train one with `samliver train`.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
-        raise SamliverError(f"{path} is not a readable head checkpoint ({err}).") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SamliverError(f"{path} is not a samliver head checkpoint (made by `samliver train`).")
-    return ckpt
-
-
-def check_compatible(ckpt: dict, *, model: Any = None, embedding_shape: tuple | None = None,
-                     source: str = "checkpoint") -> None:
-    """Raise ``SamliverError`` if a checkpoint was trained for another model / embedding shape."""
-    if model is not None:
-        shape = (int(model.embed_dim), *map(int, model.embed_hw))
-        if tuple(ckpt["embedding_shape"]) != shape:
-            raise SamliverError(
-                f"{source} was trained on embeddings of shape {tuple(ckpt['embedding_shape'])} "
-                f"({ckpt.get('model_name')}) but model {model.name!r} gives {shape}: use "
-                f"--model {ckpt.get('model_name')} or retrain the head for {model.name}.")
-        if ckpt.get("model_name") and ckpt["model_name"] != model.name:
-            raise SamliverError(
-                f"{source} was trained for model {ckpt['model_name']!r}, not {model.name!r}: "
-                f"use --model {ckpt['model_name']} or retrain the head.")
-        wid = getattr(model, "weights_id", None)
-        if ckpt.get("weights_id") and wid and ckpt["weights_id"] != wid:
-            raise SamliverError(
-                f"{source} was trained on {ckpt['model_name']} weights {ckpt['weights_id'][:12]}, "
-                f"but the loaded weights are {wid[:12]}: load the same checkpoint or retrain.")
-    if embedding_shape is not None and tuple(ckpt["embedding_shape"]) != tuple(embedding_shape):
-        raise SamliverError(
-            f"{source} expects embeddings of shape {tuple(ckpt['embedding_shape'])}, got "
-            f"{tuple(embedding_shape)}: the head was trained for another model.")
-
-
-def _head_options(ckpt: dict) -> dict:
-    """The head options stored in a checkpoint, completed for older checkpoints."""
-    opts = dict(ckpt["head_options"])
-    if ckpt["head_kind"] == "cnn" and "full_res" not in opts:
-        # checkpoints from before the full-resolution block became the default have none
-        opts["full_res"] = any(k.startswith("up.full.") for k in ckpt["state_dict"])
-    return opts
-
-
-def load_head(path: str | Path, model: Any = None, *, device: str | None = None,
-              embedding_shape: tuple | None = None) -> torch.nn.Module:
-    """Load a trained head; refuses a checkpoint made for another model or embedding shape."""
-    ckpt = _read_checkpoint(path)
-    check_compatible(ckpt, model=model, embedding_shape=embedding_shape, source=str(path))
-    opts = _head_options(ckpt)
-    opts["out_size"] = ckpt["out_size"]
-    opts["embed_hw"] = ckpt["embed_hw"]
-    if ckpt["head_kind"] == "autosam" and model is None:
-        # No model to copy the decoder from: build a random one of the checkpoint's shape (the
-        # state dict then overwrites every weight), e.g. to inspect a head without the model.
-        sd = ckpt["state_dict"]
-        opts["decoder_depth"] = len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})
-        opts["decoder_mlp_dim"] = int(sd["transformer.layers.0.mlp.lin1.weight"].shape[0])
-    head = build_head(ckpt["head_kind"], embed_dim=ckpt["embed_dim"], n_classes=ckpt["n_classes"],
-                      model=model if ckpt["head_kind"] == "autosam" else None, **opts)
-    head.load_state_dict(ckpt["state_dict"])
-    head.checkpoint_info = {k: ckpt.get(k) for k in ("model_name", "weights_id", "window",
-                                                      "embedding_shape", "config", "history")}
-    return head.to(get_device(device)).eval()
 
 
 # ----------------------------------------------------------------------------- training
@@ -428,11 +158,11 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
     np.random.seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
-    resume_ckpt = _read_checkpoint(resume) if resume else None
+    resume_ckpt = read_checkpoint(resume) if resume else None
     if resume_ckpt is not None:
         check_compatible(resume_ckpt, model=model, embedding_shape=emb.shape[1:], source=str(resume))
         config = TrainConfig(**{**resume_ckpt["config"], "steps": config.steps})
-        opts = dict(_head_options(resume_ckpt), out_size=resume_ckpt["out_size"])
+        opts = dict(head_options(resume_ckpt), out_size=resume_ckpt["out_size"])
         head = build_head(config.kind, embed_dim=emb.shape[1], model=model, **opts)
         head.load_state_dict(resume_ckpt["state_dict"])
     else:
@@ -504,7 +234,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
         idx = torch.randperm(n, generator=gen)[:bs]
         x, y = x_all[idx], y_all[idx]
         im = im_all[idx] if im_all is not None else None
-        x, y, im = _augment(x, y, im, config.augment, gen)
+        x, y, im = augment_batch(x, y, im, config.augment, gen)
         x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
         im = im.to(device).contiguous(memory_format=fmt) if im is not None else None
         with amp:
@@ -571,7 +301,7 @@ def time_demo_recipe(config: TrainConfig | None = None, *, embeddings: Any = Non
     from .datasets import protocol_split
     from .demo import DEMO_K, demo_train_config
     from .embeddings import embed_volume
-    from .inference import postprocess, predict_volume
+    from .inference import predict_volume
     from .models import get_model
     from .sample import fetch_sample, load_sample
 
@@ -588,8 +318,8 @@ def time_demo_recipe(config: TrainConfig | None = None, *, embeddings: Any = Non
     pred, gt = postprocess(raw[test]), volume.label[test]
     n = max(1, len(res.history["step"]))
     return {"seconds": res.history["seconds"], "ms_per_step": 1e3 * res.history["seconds"] / n,
-            "steps": n, "liver_dice": _dice(pred >= 1, gt >= 1),
-            "tumour_dice": _dice(pred == 2, gt == 2),
+            "steps": n, "liver_dice": dice(pred >= 1, gt >= 1),
+            "tumour_dice": dice(pred == 2, gt == 2),
             "threads": config.threads or torch.get_num_threads()}
 
 
@@ -600,8 +330,6 @@ def pseudo_labels(probs: np.ndarray, threshold: float = 0.9) -> np.ndarray:
     stack is treated as a volume in its given order), with pixels whose top probability is below
     ``threshold`` (default 0.9) set to ``IGNORE`` so the loss skips them.
     """
-    from .inference import postprocess
-
     probs = np.asarray(probs, np.float32)
     labels = postprocess(probs.argmax(1).astype(np.uint8)).astype(np.int64)
     labels[probs.max(1) < threshold] = IGNORE

@@ -68,7 +68,8 @@ def test_run_head_shows_burden_3d_and_download(app, phantom_file, tiny_model, tm
     import torch
 
     from samliver.heads import build_head
-    from samliver.training import TrainConfig, save_checkpoint
+    from samliver.checkpoints import save_checkpoint
+    from samliver.training import TrainConfig
 
     head = build_head("linear", model=tiny_model)
     with torch.no_grad():  # a zeroed head (all background): this test is about the plumbing

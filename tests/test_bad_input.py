@@ -86,7 +86,8 @@ def ct(tmp_path):
 @pytest.fixture()
 def head(tmp_path, tiny):
     from samliver.heads import build_head
-    from samliver.training import TrainConfig, save_checkpoint
+    from samliver.checkpoints import save_checkpoint
+    from samliver.training import TrainConfig
 
     return save_checkpoint(tmp_path / "head.pt", build_head("cnn", model=tiny), config=TrainConfig(kind="cnn"),
                            model_info={"model_name": "tiny", "weights_id": tiny.weights_id})
@@ -355,7 +356,8 @@ def _foreign(tmp_path, head_path):
 
 def _other_model(tmp_path, head_path):
     from samliver.heads import build_head
-    from samliver.training import TrainConfig, save_checkpoint
+    from samliver.checkpoints import save_checkpoint
+    from samliver.training import TrainConfig
 
     return save_checkpoint(tmp_path / "other.pt", build_head("cnn", embed_dim=64), config=TrainConfig(kind="cnn"),
                            model_info={"model_name": "tiny"})
@@ -664,7 +666,8 @@ def test_predict_accepts_sample_like_embed_and_segment(tmp_path, monkeypatch, ca
     """``predict sample`` resolves the sample case (then stops here at a head for another model)."""
     from samliver.heads import build_head
     from samliver.inference import default_output
-    from samliver.training import TrainConfig, save_checkpoint
+    from samliver.checkpoints import save_checkpoint
+    from samliver.training import TrainConfig
 
     monkeypatch.chdir(tmp_path)
     other = save_checkpoint(tmp_path / "other.pt", build_head("cnn", embed_dim=64), config=TrainConfig(kind="cnn"),

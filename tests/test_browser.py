@@ -122,7 +122,8 @@ def _train_small_head(path: Path) -> Path:
     from samliver.embeddings import embed_volume
     from samliver.models import get_model
     from samliver.sample import load_sample
-    from samliver.training import TrainConfig, slice_tensors, train_head
+    from samliver.training import TrainConfig, train_head
+    from samliver.training_data import slice_tensors
 
     volume, model = load_sample(), get_model("litemedsam", device="cpu")
     train = [58, 62, 66, 70]  # inside the app's FAST range (the middle 16 slices)

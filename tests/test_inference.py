@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from samliver.inference import format_burden, postprocess, tumour_burden
+from samliver.postprocess import format_burden, postprocess, tumour_burden
 from samliver.util import SamliverError
 
 
@@ -69,7 +69,8 @@ def test_predict_volume_and_cli_with_tiny_model(tmp_path, monkeypatch):
     from samliver.io import load_volume, save_volume_nifti
     from samliver.models import get_model
     from samliver.phantom import make_phantom
-    from samliver.training import TrainConfig, save_checkpoint
+    from samliver.checkpoints import save_checkpoint
+    from samliver.training import TrainConfig
     from samliver.util import SamliverError
 
     monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path / "home"))

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from samliver import training
-from samliver.training import (TrainConfig, load_head, parse_slices, predict_logits, seg_loss,
-                               train_head)
+from samliver import training, training_data
+from samliver.checkpoints import load_head
+from samliver.heads import predict_logits
+from samliver.losses import IGNORE, seg_loss
+from samliver.training import TrainConfig, parse_slices, train_head
 from samliver.util import SamliverError
 
 
@@ -93,7 +95,7 @@ def test_old_cnn_checkpoint_without_full_res_block_loads(tmp_path):
     import torch
 
     from samliver.heads import build_head
-    from samliver.training import save_checkpoint
+    from samliver.checkpoints import save_checkpoint
 
     old = build_head("cnn", embed_dim=16, out_size=64, embed_hw=16, full_res=False)
     path = save_checkpoint(tmp_path / "old.pt", old, config=TrainConfig(kind="cnn"))
@@ -186,7 +188,7 @@ def test_demo_uses_the_fast_recipe(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
     monkeypatch.setattr(training, "train_head", fake_train)
-    monkeypatch.setattr(training, "slice_tensors", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(training_data, "slice_tensors", lambda *a, **k: (None, None, None))
 
     class Model:
         name, weights_id = "fake", "abc"
@@ -218,7 +220,7 @@ def test_augment_is_consistent():
     y = x[:, 0].long()
     im = x[:, :1]
     for _ in range(10):
-        a, b, c = training._augment(x, y, im, "flip+rot", gen)
+        a, b, c = training_data.augment_batch(x, y, im, "flip+rot", gen)
         assert torch.equal(a[:, 0].long(), b) and torch.equal(c[:, 0], a[:, 0])
 
 
@@ -256,7 +258,7 @@ def test_train_cli_with_tiny_model(tmp_path, monkeypatch):
         training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "autosam",
                        "--train-slices", "2,5", "--steps", "2", "--train-parts", "tokens",
                        "-o", str(out2)])
-    head = training.load_head(out2)
+    head = load_head(out2)
     trainable = [p.requires_grad for p in head.transformer.parameters()]
     assert head.train_parts == "tokens" and trainable and not any(trainable)
 
@@ -273,11 +275,11 @@ def test_cnn_head_on_real_sample_slices():
     model = get_model("litemedsam", device="cpu")
     train, test = [40, 60], [50]
     emb = embed_volume(vol, model, slices=train + test, progress=False)
-    x, y, im = training.slice_tensors(vol, emb, train)
+    x, y, im = training_data.slice_tensors(vol, emb, train)
     assert x.shape == (2, 256, 64, 64) and y.shape == (2, 256, 256) and im.shape == (2, 256, 256)
     cfg = TrainConfig(kind="cnn", steps=40, batch_size=2, val_fraction=0, eval_every=40)
     res = train_head(x, y, images=im, config=cfg, model=model, progress=False)
-    xt, _, imt = training.slice_tensors(vol, emb, test)
+    xt, _, imt = training_data.slice_tensors(vol, emb, test)
     prob = emb.transform.mask_to_original(predict_logits(res.head, xt, imt))
     pred = prob.argmax(1)
     gt = vol.label[test]
@@ -288,23 +290,23 @@ def test_augmented_views_keep_image_and_label_aligned(small_phantom):
     from samliver.io import CTVolume
 
     vol = small_phantom
-    views = training.augmented_views(vol, [3, 8], n_views=3, seed=0)
+    views = training_data.augmented_views(vol, [3, 8], n_views=3, seed=0)
     assert views.hu.shape == (6, *vol.hu.shape[1:]) and views.label.shape == views.hu.shape
     assert set(np.unique(views.label)) <= {0, 1, 2}
-    again = training.augmented_views(vol, [3, 8], n_views=3, seed=0)
+    again = training_data.augmented_views(vol, [3, 8], n_views=3, seed=0)
     assert np.array_equal(views.hu, again.hu) and np.array_equal(views.label, again.label)
-    other = training.augmented_views(vol, [3, 8], n_views=3, seed=1)
+    other = training_data.augmented_views(vol, [3, 8], n_views=3, seed=1)
     assert not np.array_equal(views.hu, other.hu)
     # A bright square labelled 1 on air: after the same transform the label still covers it.
     hu = np.full((1, 64, 64), -1000, np.float32)
     lab = np.zeros((1, 64, 64), np.uint8)
     hu[0, 20:44, 16:40], lab[0, 20:44, 16:40] = 200, 1
-    sq = training.augmented_views(CTVolume(hu=hu, label=lab), [0], n_views=4, seed=2)
+    sq = training_data.augmented_views(CTVolume(hu=hu, label=lab), [0], n_views=4, seed=2)
     for h, lb in zip(sq.hu, sq.label):
         assert lb.any() and not np.array_equal(lb, lab[0])  # moved, not lost
         assert (h[lb == 1] > -400).mean() > 0.95 and (h[lb == 0] < -400).mean() > 0.95
     with pytest.raises(SamliverError, match="labelled"):
-        training.augmented_views(CTVolume(hu=hu), [0])
+        training_data.augmented_views(CTVolume(hu=hu), [0])
 
 
 def test_view_tensors_are_cached(small_phantom, tmp_path, monkeypatch):
@@ -314,14 +316,14 @@ def test_view_tensors_are_cached(small_phantom, tmp_path, monkeypatch):
     monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
     with pytest.warns(UserWarning):
         model = get_model("tiny", device="cpu")
-    emb, lab, im = training.view_tensors(small_phantom, model, [3, 8], n_views=2, seed=0)
+    emb, lab, im = training_data.view_tensors(small_phantom, model, [3, 8], n_views=2, seed=0)
     assert len(emb) == len(lab) == len(im) == 4 and lab.shape[-1] == model.image_size
 
     def _no_encoding(*a, **k):
         raise AssertionError("views should come from the cache the second time")
 
     monkeypatch.setattr(model, "encode", _no_encoding)
-    emb2, lab2, _ = training.view_tensors(small_phantom, model, [3, 8], n_views=2, seed=0)
+    emb2, lab2, _ = training_data.view_tensors(small_phantom, model, [3, 8], n_views=2, seed=0)
     assert np.allclose(emb, emb2) and np.array_equal(lab, lab2)
 
 
@@ -329,10 +331,10 @@ def test_seg_loss_skips_ignored_pixels():
     torch.manual_seed(0)
     logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
     masked = target.clone()
-    masked[..., :4] = training.IGNORE
+    masked[..., :4] = IGNORE
     # ignoring the left half is the same as cropping it away
     assert torch.allclose(seg_loss(logits, masked), seg_loss(logits[..., 4:], target[..., 4:]))
-    assert seg_loss(logits, torch.full_like(target, training.IGNORE)).item() == 0.0
+    assert seg_loss(logits, torch.full_like(target, IGNORE)).item() == 0.0
 
 
 def test_pseudo_labels_ignore_unconfident_pixels():
@@ -341,8 +343,8 @@ def test_pseudo_labels_ignore_unconfident_pixels():
     probs[:, 0] = 0.05
     probs[1, :, 0, 0] = [0.3, 0.4, 0.3]  # ... except one unsure pixel
     lab = training.pseudo_labels(probs, threshold=0.9)
-    assert lab.dtype == np.int64 and lab[1, 0, 0] == training.IGNORE
-    assert (lab[0] == 1).all() and (lab[1][lab[1] != training.IGNORE] == 1).all()
+    assert lab.dtype == np.int64 and lab[1, 0, 0] == IGNORE
+    assert (lab[0] == 1).all() and (lab[1][lab[1] != IGNORE] == 1).all()
 
 
 def test_self_train_adds_pseudo_labelled_slices():
