@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .config import DEFAULT_WINDOW
 from .util import SamliverError, atomic_write_text, cache_dir, sha256_file
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -287,7 +288,7 @@ def calibration_batches(model: Any, n: int = CALIBRATION_SLICES) -> list[np.ndar
         raise SamliverError(f"int8 calibration needs the sample CT: run `samliver fetch-sample` ({err}).") from err
     rows = np.flatnonzero((volume.label > 0).any(axis=(1, 2))) if volume.label is not None else np.arange(len(volume.hu))
     zs = rows[np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))]
-    return [model.prepare(window_to_unit(volume.hu[int(z)], WINDOWS["abdomen"]))[None].numpy() for z in zs]
+    return [model.prepare(window_to_unit(volume.hu[int(z)], WINDOWS[DEFAULT_WINDOW]))[None].numpy() for z in zs]
 
 
 def _openvino_int8_ir(model: Any) -> Path:

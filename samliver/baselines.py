@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .evaluation import label_dice
+from .config import DEFAULT_WINDOW
 from .losses import seg_loss
 from .util import SamliverError, get_device, torch_threads
 
@@ -208,14 +210,11 @@ def _pretrain_simclr(images: np.ndarray, *, steps: int, batch_size: int, tempera
     return copy.deepcopy(net.encoder.state_dict())
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    s = pred.sum() + gt.sum()
-    return float(2 * np.logical_and(pred, gt).sum() / s) if s else 1.0
 
 
 def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[int], *,
                       ssl: bool = False, steps: int = 300, ssl_steps: int = 150, seed: int = 0,
-                      window: str = "abdomen", device: str | None = None,
+                      window: str = DEFAULT_WINDOW, device: str | None = None,
                       unlabelled_slices: list[int] | None = None,
                       postprocess_pred: bool = True, threads: int | None = None,
                       lr: float = 2e-3) -> dict:
@@ -247,8 +246,7 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
 
         pred = postprocess(pred)
     gt = volume.label[test_slices]
-    return {"method": "ssl" if ssl else "unet", "liver_dice": _dice(pred >= 1, gt >= 1),
-            "tumour_dice": _dice(pred == 2, gt == 2), "pred": pred}
+    return {"method": "ssl" if ssl else "unet", **label_dice(pred, gt), "pred": pred}
 
 
 def run_zero_shot(volume: Any, model: Any, test_slices: list[int], modes: list[str] | None = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .config import DEFAULT_WINDOW
 from .heads import build_head
 from .util import SamliverError, atomic_path, get_device
 
@@ -53,7 +54,7 @@ def save_checkpoint(path: str | Path, head: torch.nn.Module, *, config: Any,
         "embedding_shape": [head.embed_dim, head.embed_hw, head.embed_hw],
         "model_name": info.get("model_name"),
         "weights_id": info.get("weights_id"),
-        "window": info.get("window", "abdomen"),
+        "window": info.get("window", DEFAULT_WINDOW),
         "config": asdict(config),
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

@@ -53,7 +53,6 @@ def supports_shared_decoder(mask_decoder: Any) -> bool:
         these classes under the same names, as LiteMedSAM vendors them); False otherwise, e.g.
         for decoders whose forward differs (HQ-SAM and the like).
     """
-    import torch
 
     if type(mask_decoder).__name__ != "MaskDecoder":
         return False

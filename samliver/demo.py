@@ -14,13 +14,14 @@ stages add steps to the list.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .evaluation import label_dice
+from .config import DEFAULT_K, DEFAULT_MODEL, RECIPES
 from .util import atomic_write_text, fast_mode
 
 
@@ -74,28 +75,14 @@ STEPS: list[Callable[[DemoContext], None]] = [step_fetch, step_summary, step_ove
 # evaluate and write outputs/report.md. The trained head is cached too (keyed on the volume,
 # the model weights, the slices and the recipe), so a warm run only predicts.
 # ----------------------------------------------------------------------------------------
-DEMO_HEAD = "cnn"  # the best prompt-free head measured on the sample (README, report)
-DEMO_K = 8
-# Batch 4 x 115 steps at lr 2e-3 with the refinement block at S/2 (the sample's native 128 px):
-# on the demo split 0.975 / 0.863 test Dice vs 0.976 / 0.864 for the former batch 4 x 260
-# steps at lr 1e-3 with the block at S, in 2.8-3.3x less time (docs/training_speed.md).
-DEMO_STEPS = 115
-DEMO_BATCH = 4
-DEMO_LR = 2e-3
-DEMO_WARMUP = 10
-DEMO_HEAD_OPTIONS = {"refine_size": 128}
+HEAD_KIND = RECIPES["default"]["kind"]  # the best prompt-free head measured on the sample
 # The demo's zero-shot baseline: a tight box per slice for the liver and per lesion (the
-# strongest prompts, DESIGN.md's reference figures). 3D propagation is left to
+# strongest prompts). 3D propagation is left to
 # `samliver zero-shot` and notebook 03: it decodes one lesion at a time across many slices,
 # several minutes on a 2-core CPU, which would break the demo's 15-minute budget.
 DEMO_ZERO_SHOT_MODES = ("liver_box", "lesion_boxes")
 
 
-def _dice(pred, gt) -> float:
-    import numpy as np
-
-    s = pred.sum() + gt.sum()
-    return float(2 * np.logical_and(pred, gt).sum() / s) if s else 1.0
 
 
 def _result_cache_path(folder: str, volume, model, name: str, suffix: str, **key) -> Path:
@@ -137,9 +124,9 @@ def step_embed(ctx: DemoContext) -> None:
     from .embeddings import embed_volume
     from .models import get_model
 
-    ctx.results["model"] = model = get_model("litemedsam")
-    train, test = protocol_split(ctx.volume.label, protocol="sparse", k=DEMO_K)
-    ctx.results["split"] = {"protocol": "sparse", "k": DEMO_K, "train": train, "test": test}
+    ctx.results["model"] = model = get_model(DEFAULT_MODEL)
+    train, test = protocol_split(ctx.volume.label, protocol="sparse", k=DEFAULT_K)
+    ctx.results["split"] = {"protocol": "sparse", "k": DEFAULT_K, "train": train, "test": test}
     ctx.results["embeddings"] = emb = embed_volume(ctx.volume, model)
     print(f"embeddings: {len(emb.slices)} slices cached in {emb.path}")
 
@@ -174,40 +161,31 @@ def step_zero_shot(ctx: DemoContext) -> None:
               f"tumour Dice {row.get('tumour_dice')}")
 
 
-def demo_train_config(fast: bool = False):
-    """The demo's training recipe (a ``TrainConfig``; ``fast``: the shortened CI run)."""
-    from .training import TrainConfig
-
-    return TrainConfig(kind=DEMO_HEAD, steps=60 if fast else DEMO_STEPS, batch_size=DEMO_BATCH,
-                       lr=DEMO_LR, warmup=DEMO_WARMUP, head_options=dict(DEMO_HEAD_OPTIONS),
-                       val_fraction=0.0, eval_every=100, seed=0)
-
-
 def step_train_head(ctx: DemoContext) -> None:
     """Train (or load from the cache) the best head on the K labelled slices."""
     import shutil
 
-    from .checkpoints import load_head
-    from .training import plot_curves, train_head
+    from .checkpoints import load_head, model_info
+    from .training import recipe, train_head
+    from .visualization import save_figure, training_curves_figure
     from .training_data import slice_tensors
 
     model, emb = ctx.results["model"], ctx.results["embeddings"]
     train = ctx.results["split"]["train"]
-    config = demo_train_config(ctx.fast)
+    config = recipe("default", fast=ctx.fast)
     cached = _head_cache_path(ctx.volume, model, train, config)
     if cached.exists():
         head = load_head(cached, model)
         history = head.checkpoint_info.get("history") or {}
-        print(f"head: reusing the cached {DEMO_HEAD} head {cached}")
+        print(f"head: reusing the cached {HEAD_KIND} head {cached}")
     else:
         x, y, images = slice_tensors(ctx.volume, emb, train)
         res = train_head(x, y, images=images, config=config, model=model, checkpoint=cached,
-                         model_info={"model_name": model.name, "weights_id": model.weights_id,
-                                     "window": emb.window})
+                         model_info=model_info(model, emb))
         head, history = res.head, res.history
-        print(f"head: trained {DEMO_HEAD} on slices {train} in {history['seconds']:.0f} s")
+        print(f"head: trained {HEAD_KIND} on slices {train} in {history['seconds']:.0f} s")
     ctx.results["head"], ctx.results["history"] = head, history
-    curves = plot_curves(history, ctx.out_dir / "training_curves.png")
+    curves = save_figure(training_curves_figure(history), ctx.out_dir / "training_curves.png", dpi=100)
     shutil.copyfile(cached, ctx.out_dir / "head.pt")
     ctx.outputs += [curves, ctx.out_dir / "head.pt"]
 
@@ -244,7 +222,7 @@ def step_evaluate(ctx: DemoContext) -> None:
 
     test = ctx.results["split"]["test"]
     gt, pred = ctx.volume.label[test], ctx.results["prediction"][test]
-    scores = {"liver_dice": _dice(pred >= 1, gt >= 1), "tumour_dice": _dice(pred == 2, gt == 2)}
+    scores = label_dice(pred, gt)
     try:
         from .evaluation import evaluate_volume
 
@@ -253,43 +231,23 @@ def step_evaluate(ctx: DemoContext) -> None:
         scores["metrics_error"] = str(err)
     ctx.results["head_scores"] = scores
     ctx.results["burden"] = tumour_burden(pred, ctx.volume.spacing)
-    print(f"{DEMO_HEAD} head, K={DEMO_K} sparse: liver Dice {scores['liver_dice']:.3f}, "
+    print(f"{HEAD_KIND} head, K={DEFAULT_K} sparse: liver Dice {scores['liver_dice']:.3f}, "
           f"tumour Dice {scores['tumour_dice']:.3f}")
     print(f"tumour burden (test slices): {format_burden(ctx.results['burden'])}")
-
-
-def _overlay_figure(volume, pred, zs, path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .preprocess import window_to_unit
-    from .visualization import legend_handles, overlay_rgb, save_figure
-
-    fig, axes = plt.subplots(len(zs), 2, figsize=(6, 3 * len(zs)), squeeze=False)
-    for row, z in enumerate(zs):
-        img = window_to_unit(volume.hu[z], "abdomen")
-        for col, (lab, name) in enumerate(((volume.label[z], "ground truth"), (pred[z], "prediction"))):
-            ax = axes[row][col]
-            ax.imshow(overlay_rgb(img, lab))
-            ax.set_title(f"z={z}: {name}", fontsize=9)
-            ax.axis("off")
-    fig.legend(handles=legend_handles(), loc="lower center", ncol=2, fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return save_figure(fig, path)
 
 
 def step_report(ctx: DemoContext) -> None:
     """Write outputs/report.md: the metric table and the figures."""
     from .postprocess import format_burden
+    from .visualization import comparison_figure, save_figure
 
     r = ctx.results
     split, scores, history = r["split"], r["head_scores"], r.get("history") or {}
     test = split["test"]
     with_tumour = [z for z in test if (ctx.volume.label[z] == 2).any()] or test
     picks = sorted({with_tumour[len(with_tumour) * i // 4] for i in (1, 2, 3)})
-    overlays = _overlay_figure(ctx.volume, r["prediction"], picks, ctx.out_dir / "overlays.png")
+    overlays = save_figure(comparison_figure(ctx.volume, r["prediction"], picks),
+                           ctx.out_dir / "overlays.png")
     ctx.outputs.append(overlays)
 
     def f(v):
@@ -305,7 +263,7 @@ def step_report(ctx: DemoContext) -> None:
                      f"{row.get('n_slices', '?')} of the test slices (every "
                      f"{ {2: 'second', 4: 'fourth'}.get(r.get('zero_shot_stride'), 'n-th')}) | "
                      f"{f(row.get('liver_dice'))} | {f(row.get('tumour_dice'))} |")
-    lines.append(f"| prompt-free {DEMO_HEAD} head | {split['k']} labelled slices | "
+    lines.append(f"| prompt-free {HEAD_KIND} head | {split['k']} labelled slices | "
                  f"{f(scores['liver_dice'])} | {f(scores['tumour_dice'])} |")
     metrics = scores.get("metrics")
     if isinstance(metrics, dict):
@@ -346,13 +304,3 @@ def run_demo(out_dir: str | Path = "outputs", *, steps: list | None = None, fast
     atomic_write_text(path, json.dumps(report, indent=2, default=str))
     ctx.outputs.append(path)
     return ctx
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver demo [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="samliver demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs", help="output folder (default: outputs)")
-    args = parser.parse_args(argv)
-    ctx = run_demo(args.out)
-    print(f"wrote {ctx.out_dir / 'summary.json'}")
-    return 0

@@ -12,16 +12,15 @@ checked; anything that does not match is recomputed, never used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .util import SamliverError, atomic_path, atomic_write_text, cache_dir, sha256_array
+from .config import DEFAULT_WINDOW
+from .util import SamliverError, atomic_path, atomic_write_text, cache_dir, check_slices, sha256_array
 
 CACHE_FORMAT = 2  # bump when the on-disk layout or preprocessing code changes meaning
 
@@ -51,7 +50,7 @@ def _resolve_window(window) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def cache_key(volume, model, window="abdomen") -> dict:
+def cache_key(volume, model, window=DEFAULT_WINDOW) -> dict:
     """The cache key for ``volume`` encoded by ``model`` with HU ``window`` (a plain dict)."""
     hu = _hu_of(volume)
     lo, hi = _resolve_window(window)
@@ -200,22 +199,11 @@ def _prepare_cache_folder(root: Path, key: dict) -> Path:
     return folder
 
 
-def _parse_slices(slices, depth: int) -> list[int]:
-    if slices is None:
-        return list(range(depth))
-    out = sorted({int(z) for z in slices})
-    bad = [z for z in out if not 0 <= z < depth]
-    if bad:
-        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}: choose slices "
-                            "in that range.")
-    return out
-
-
 def embed_volume(
     volume,
     model,
     slices=None,
-    window="abdomen",
+    window=DEFAULT_WINDOW,
     batch_size: int | None = None,
     progress: bool = True,
     cache_root: str | os.PathLike | None = None,
@@ -234,7 +222,7 @@ def embed_volume(
     from .preprocess import window_to_unit
 
     hu = _hu_of(volume)
-    zs = _parse_slices(slices, hu.shape[0])
+    zs = check_slices(slices, hu.shape[0])
     key = cache_key(hu, model, window)
     root = Path(cache_root) if cache_root is not None else cache_dir("embeddings")
     folder = _prepare_cache_folder(root, key)
@@ -266,7 +254,7 @@ def default_batch_size(model) -> int:
     return 1 if str(model.device).split(":")[0] == "cpu" else 16
 
 
-def open_embeddings(volume, model, window="abdomen", cache_root: str | os.PathLike | None = None) -> VolumeEmbeddings:
+def open_embeddings(volume, model, window=DEFAULT_WINDOW, cache_root: str | os.PathLike | None = None) -> VolumeEmbeddings:
     """The cached embeddings of ``volume`` without computing anything (``slices`` = those on disk)."""
     hu = _hu_of(volume)
     key = cache_key(hu, model, window)
@@ -283,78 +271,3 @@ def clear_cache(model_name: str | None = None, cache_root: str | os.PathLike | N
     target = root / model_name if model_name else root
     if target.exists():
         shutil.rmtree(target)
-
-
-def parse_slice_spec(spec: str | None, depth: int) -> list[int] | None:
-    """``"all"``/None -> None; ``"72-127"`` (inclusive), ``"3,5,9"`` or mixes -> sorted list."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return None
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                a, b = int(a), int(b)
-            else:
-                a = b = int(part)
-        except ValueError as err:
-            raise SamliverError(f"Cannot read slice list {spec!r}: use e.g. 72-127 or 3,5,9.") from err
-        if b < a:
-            raise SamliverError(f"Slice range {part!r} runs backwards: write it low-high, e.g. {b}-{a}.")
-        out.update(range(a, b + 1))
-    if not out:
-        raise SamliverError(f"Slice list {spec!r} names no slices: use e.g. 72-127 or 3,5,9.")
-    return _parse_slices(out, depth)
-
-
-def load_volume_arg(path: str, label: str | None = None, *, series_uid: str | None = None):
-    """A CLI VOLUME argument (kept here for callers): see :func:`samliver.io.load_volume_arg`."""
-    from .io import load_volume_arg as resolve
-
-    return resolve(path, label, series_uid=series_uid)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver embed VOLUME [--model M] [--slices 72-127] [--window abdomen]``."""
-    from .io import SERIES_UID_HELP
-    from .util import check_number, parse_window_arg
-
-    parser = argparse.ArgumentParser(prog="samliver embed", description="Compute and cache image embeddings.")
-    parser.add_argument("volume", help="a NIfTI file, DICOM folder, .mrc file, or 'sample'")
-    parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--checkpoint", default=None, help="weights file (default: the model's own)")
-    parser.add_argument("--slices", default=None, help="e.g. 72-127 or 3,5,9 (default: all)")
-    parser.add_argument("--liver-slices", action="store_true", help="only slices whose label contains liver")
-    parser.add_argument("--window", default="abdomen",
-                        help="HU window name or lo,hi (e.g. --window=-160,240)")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default: 1 on CPU, 16 on GPU)")
-    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-    # every option is checked before the volume is read or a model loaded
-    window = parse_window_arg(args.window)
-    if args.batch_size is not None:
-        check_number("--batch-size", args.batch_size, minimum=1)
-
-    from .models import get_model
-
-    volume = load_volume_arg(args.volume, series_uid=args.series_uid)
-    zs = parse_slice_spec(args.slices, volume.shape[0])
-    if args.liver_slices:
-        if volume.label is None:
-            raise SamliverError(f"{args.volume} has no label: --liver-slices needs one.")
-        liver = [int(z) for z in np.flatnonzero((volume.label > 0).any(axis=(1, 2)))]
-        zs = sorted(set(liver) & set(zs)) if zs is not None else liver
-        if not zs:
-            raise SamliverError(f"No slice of {args.volume} in --slices holds liver: widen --slices.")
-    model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
-    t0 = time.perf_counter()
-    emb = embed_volume(volume, model, slices=zs, window=window, batch_size=args.batch_size)
-    dt = time.perf_counter() - t0
-    computed = len(emb.computed)
-    print(f"{computed} slices embedded, {len(emb.slices) - computed} reused from the cache, with "
-          f"{model.name} in {dt:.1f} s -> {emb.path}")
-    return 0

@@ -138,6 +138,24 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(2.0 * np.logical_and(p, g).sum() / s)
 
 
+def label_dice(pred_label: np.ndarray, gt_label: np.ndarray) -> dict[str, float]:
+    """Liver and tumour Dice of two label arrays (0 background, 1 liver, 2 tumour), as one region.
+
+    Liver is ``label >= 1`` (the organ including its lesions), tumour is ``label == 2``; each
+    is one Dice over the whole array (global Dice over a stack of slices), the figure every
+    table in the project reports.
+
+    Args:
+        pred_label: predicted labels, any shape.
+        gt_label: reference labels, the same shape.
+
+    Returns:
+        ``{"liver_dice": float, "tumour_dice": float}``.
+    """
+    p, g = np.asarray(pred_label), np.asarray(gt_label)
+    return {"liver_dice": dice(p >= 1, g >= 1), "tumour_dice": dice(p == 2, g == 2)}
+
+
 def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
     """Jaccard index (IoU) |P & G| / |P | G|; both empty 1.0, exactly one empty 0.0."""
     p, g = _pair(pred, gt)

@@ -10,7 +10,6 @@ Writes ``experiment.csv``, ``experiment.md`` (mean +- sd over seeds) and ``exper
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,29 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from .training import TrainConfig, parse_slices, train_head
+from .config import HEAD_KINDS, UNET_STEPS
+from .checkpoints import model_info
+from .evaluation import label_dice
+from .training import TrainConfig, recipe, train_head
 from .training_data import slice_tensors, training_tensors
 from .training import self_train as self_train_head
-from .util import SamliverError, atomic_path, atomic_write_text, fast_mode
+from .util import SamliverError, atomic_write_text, fast_mode
 
-HEADS = ("linear", "cnn", "vit", "autosam")
 BASELINES = ("unet", "ssl", "zeroshot")
-
-
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    s = pred.sum() + gt.sum()
-    return float(2 * np.logical_and(pred, gt).sum() / s) if s else 1.0
-
-
-def _scores(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """Global Dice over the test slices as one 3D region (liver = label >= 1, tumour = 2)."""
-    return {"liver_dice": _dice(pred >= 1, gt >= 1), "tumour_dice": _dice(pred == 2, gt == 2)}
-
-
-def default_steps(kind: str) -> int:
-    """Training steps per head kind (fewer in ``SAMLIVER_FAST`` mode)."""
-    steps = {"linear": 300, "cnn": 300, "vit": 300, "autosam": 200}.get(kind, 300)
-    return max(20, steps // 6) if fast_mode() else steps
 
 
 def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[int],
@@ -60,27 +45,24 @@ def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[in
     t0 = time.time()
     emb, labels, images = training_tensors(volume, embeddings, train, model=model, views=views,
                                            seed=seed)
-    cfg = config or TrainConfig(kind=kind, steps=steps or default_steps(kind), seed=seed,
-                                val_fraction=0.0, eval_every=100)
+    cfg = config or recipe(kind, steps=steps, seed=seed, val_fraction=0.0, eval_every=100)
     kwargs = dict(config=cfg, model=model, progress=progress,
-                  model_info={"model_name": getattr(model, "name", None),
-                              "weights_id": getattr(model, "weights_id", None),
-                              "window": getattr(embeddings, "window", "abdomen")})
+                  model_info=model_info(model, embeddings))
     res = train_head(emb, labels, images=images, **kwargs)
     out: dict = {}
     if self_train:
-        out["round0"] = _predict_scores(volume, model, res.head, embeddings, test, postprocess_pred)
+        out["round0"] = _predictlabel_dice(volume, model, res.head, embeddings, test, postprocess_pred)
         out["round0"]["seconds"] = round(time.time() - t0, 1)
         unl = [z for z in getattr(embeddings, "slices", test) if z not in set(train)]
         u_emb, _, u_img = slice_tensors(volume, embeddings, unl, need_label=False)
         res = self_train_head(emb, labels, (u_emb, u_img), images=images, rounds=self_train,
                               first=res, **kwargs)
-    out.update(_predict_scores(volume, model, res.head, embeddings, test, postprocess_pred))
+    out.update(_predictlabel_dice(volume, model, res.head, embeddings, test, postprocess_pred))
     out.update(seconds=round(time.time() - t0, 1), head=res.head, history=res.history)
     return out
 
 
-def _predict_scores(volume: Any, model: Any, head: Any, embeddings: Any, test: list[int],
+def _predictlabel_dice(volume: Any, model: Any, head: Any, embeddings: Any, test: list[int],
                     postprocess_pred: bool = True) -> dict:
     """Predict ``test`` slices with ``head``; their scores and the prediction (``pred``)."""
     from .inference import predict_probabilities
@@ -91,7 +73,7 @@ def _predict_scores(volume: Any, model: Any, head: Any, embeddings: Any, test: l
     pred = probs.argmax(1).astype(np.uint8)
     if postprocess_pred:
         pred = postprocess(pred)
-    return {**_scores(pred, volume.label[test]), "pred": pred}
+    return {**label_dice(pred, volume.label[test]), "pred": pred}
 
 
 def _check_split(volume: Any, train: list[int], test: list[int], k: int | None) -> None:
@@ -143,8 +125,8 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
     for k, train, test, method, seed in tqdm(jobs, desc=f"experiment {protocol}",
                                              disable=not progress):
         runs = []
-        suffix = f"+{views}views" if views and method in HEADS else ""
-        if method in HEADS:
+        suffix = f"+{views}views" if views and method in HEAD_KINDS else ""
+        if method in HEAD_KINDS:
             out = run_head(volume, embeddings, model, method, train, test, seed=seed, steps=steps,
                            views=views, self_train=self_train)
             if self_train:
@@ -152,7 +134,7 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
                 suffix += "+st"
         else:
             t0 = time.time()
-            unet_steps = steps or (50 if fast_mode() else 300)
+            unet_steps = steps or UNET_STEPS["fast" if fast_mode() else "full"]
             out = run_unet_baseline(volume, train, test, ssl=(method == "ssl"), seed=seed,
                                     steps=unet_steps, ssl_steps=max(20, unet_steps // 2))
             out["seconds"] = round(time.time() - t0, 1)
@@ -226,15 +208,14 @@ def run_dataset(root: str | Path, model: Any, *, ks: list[int], heads: list[str]
                 raise SamliverError("The training volumes contain no liver label.")
             emb, lab_all, img_all = np.concatenate(embs), np.concatenate(labs), np.concatenate(ims)
             for kind in heads:
-                cfg = TrainConfig(kind=kind, steps=steps or default_steps(kind), seed=seed,
-                                  val_fraction=0.1)
+                cfg = recipe(kind, steps=steps, seed=seed, val_fraction=0.1)
                 res = train_head(emb, lab_all, images=img_all, config=cfg, model=model,
                                  progress=progress)
                 scores = []
                 for case in test_cases:
                     vol = case.load()
                     pred = predict_volume(vol, model, res.head, progress=progress)
-                    scores.append(_scores(pred, vol.label))
+                    scores.append(label_dice(pred, vol.label))
                 records.append({
                     "method": kind, "protocol": "volumes", "k": k, "seed": seed,
                     "liver_dice": round(float(np.mean([s["liver_dice"] for s in scores])), 4),
@@ -278,44 +259,10 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def plot_results(records: list[dict], path: str | Path) -> Path:
-    """Dice vs K per method (mean, sd band over seeds), one column per protocol."""
-    import matplotlib
+    """Dice vs K per method (mean, sd band over seeds), one column per protocol, as a PNG."""
+    from .visualization import label_efficiency_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summarise(records)
-    protocols = sorted({r["protocol"] for r in rows})
-    fig, axes = plt.subplots(2, len(protocols), figsize=(5 * len(protocols), 7), squeeze=False)
-    for j, protocol in enumerate(protocols):
-        sub = [r for r in rows if r["protocol"] == protocol]
-        ks = sorted({r["k"] for r in sub if r["k"] > 0}) or [0]
-        for i, key in enumerate(("liver_dice", "tumour_dice")):
-            ax = axes[i][j]
-            for method in sorted({r["method"] for r in sub}):
-                m = sorted([r for r in sub if r["method"] == method and r[key] is not None],
-                           key=lambda r: r["k"])
-                if not m:
-                    continue
-                if m[0]["k"] == 0:  # zero-shot: no labelled slices, a reference line
-                    ax.axhline(m[0][key], ls="--", lw=1, color="grey")
-                    ax.text(ks[0], m[0][key], method, fontsize=7, va="bottom", color="grey")
-                    continue
-                x = [r["k"] for r in m]
-                y = np.array([r[key] for r in m])
-                sd = np.array([r[key + "_sd"] for r in m])
-                ax.plot(x, y, "o-", label=method)
-                ax.fill_between(x, y - sd, y + sd, alpha=0.2)
-            ax.set_xscale("log", base=2)
-            ax.set(xlabel="labelled slices K", ylabel=key.replace("_", " "), ylim=(0, 1),
-                   title=f"{protocol}: {key.split('_')[0]}")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(label_efficiency_figure(summarise(records)), path, dpi=100)
 
 
 def write_outputs(records: list[dict], out_dir: str | Path, stem: str = "experiment") -> dict:
@@ -353,117 +300,3 @@ def read_records(paths: list[str | Path]) -> list[dict]:
     if not records:
         raise SamliverError(f"No records in {', '.join(map(str, paths))}.")
     return records
-
-
-def _csv_list(text: str, allowed: tuple[str, ...] | None = None, what: str = "") -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()] if text else []
-    if allowed:
-        bad = [t for t in items if t not in allowed]
-        if bad:
-            raise SamliverError(f"Unknown {what} {bad}: choose from {', '.join(allowed)}.")
-    return items
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver experiment --k 1,2,4,8,16 --heads ... --baselines ... --seeds 0,1,2``."""
-    from .io import SERIES_UID_HELP
-
-    p = argparse.ArgumentParser(prog="samliver experiment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("volume", nargs="?", help="labelled CT volume (default: the sample case)")
-    p.add_argument("--label", help="label file for VOLUME")
-    p.add_argument("--dataset", help="MSD Task03_Liver / LiTS folder: split by volume")
-    p.add_argument("--k", default="1,2,4,8,16", help="labelled slices (volumes with --dataset)")
-    p.add_argument("--heads", default="linear,cnn,vit,autosam")
-    p.add_argument("--baselines", default="unet,ssl,zeroshot")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--protocol", default="both", choices=["sparse", "slab", "both"])
-    p.add_argument("--train-slices", help="user split: labelled slices, e.g. 3,20,41")
-    p.add_argument("--test-slices", help="user split: test slices, e.g. 50-90 (default: the rest)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default per method)")
-    p.add_argument("--views", type=int, default=0,
-                   help="cached augmented views per labelled slice for the heads (default 0)")
-    p.add_argument("--self-train", type=int, default=0, metavar="ROUNDS",
-                   help="pseudo-label self-training rounds for the heads on the volume's "
-                        "unlabelled slices (default 0); adds a '<head>+st' record per run")
-    p.add_argument("--model", default="litemedsam")
-    p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output-dir", default="outputs")
-    p.add_argument("--json", action="store_true", help="print the records as a JSON list")
-    p.add_argument("--report", nargs="+", metavar="JSONL",
-                   help="run nothing: rebuild the CSV / Markdown / PNG from finished runs "
-                        "(experiment.partial.jsonl files, or --json output), e.g. of an "
-                        "interrupted grid or of protocols run in parallel")
-    p.add_argument("--series-uid", help=SERIES_UID_HELP)
-    args = p.parse_args(argv)
-    from .util import check_number
-
-    check_number("--steps", args.steps, minimum=1)
-    check_number("--views", args.views, minimum=0)
-    check_number("--self-train", args.self_train, minimum=0)
-    if args.report:
-        records = read_records(args.report)
-        paths = write_outputs(records, args.output_dir)
-        print(json.dumps(records) if args.json else markdown_table(records)
-              + "wrote " + ", ".join(str(v) for v in paths.values()))
-        return 0
-
-    import torch
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    try:
-        ks = [int(k) for k in _csv_list(args.k)]
-        seeds = [int(s) for s in _csv_list(args.seeds)]
-    except ValueError as err:
-        raise SamliverError(f"--k and --seeds take comma-separated integers ({err}).") from err
-    if any(k < 1 for k in ks):
-        raise SamliverError("--k values must be >= 1.")
-    heads = _csv_list(args.heads, HEADS, "heads")
-    baselines = _csv_list(args.baselines, BASELINES, "baselines")
-    from .models import get_model
-
-    model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
-    progress = not args.json
-    if args.dataset:
-        if args.views or args.self_train:
-            raise SamliverError("--views and --self-train work with slice splits (sample, VOLUME or "
-                                "--train-slices), not yet with --dataset.")
-        records = run_dataset(args.dataset, model, ks=ks, heads=heads, seeds=seeds,
-                              steps=args.steps, progress=progress)
-    else:
-        from .embeddings import embed_volume
-
-        from .io import load_volume_arg
-
-        volume = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
-        if volume.label is None:
-            raise SamliverError(f"{volume.source} has no label: the experiment needs one "
-                                "(pass --label).")
-        train = parse_slices(args.train_slices)
-        test = parse_slices(args.test_slices)
-        if test is not None and train is None:
-            raise SamliverError("--test-slices needs --train-slices too.")
-        needed = None
-        if train is not None:
-            needed = sorted(set(train) | set(test or range(volume.hu.shape[0])))
-        embeddings = embed_volume(volume, model, slices=needed, progress=progress)
-        protocols = ["sparse", "slab"] if args.protocol == "both" else [args.protocol]
-        if train is not None:
-            protocols = ["custom"]
-        records = []
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.output_dir) / "experiment.partial.jsonl", "w") as log:
-            for protocol in protocols:
-                records += run_slices(volume, model, embeddings, protocol=protocol, ks=ks,
-                                      heads=heads, baselines=baselines, seeds=seeds,
-                                      train_slices=train, test_slices=test, steps=args.steps,
-                                      progress=progress, log=log, views=args.views,
-                                      self_train=args.self_train)
-    paths = write_outputs(records, args.output_dir)
-    if args.json:
-        print(json.dumps(records))
-    else:
-        print(markdown_table(records))
-        print("wrote " + ", ".join(str(v) for v in paths.values()))
-    return 0

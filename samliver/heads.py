@@ -38,9 +38,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import HEAD_KINDS
 from .util import SamliverError
 
-HEAD_KINDS = ("linear", "cnn", "vit", "autosam")
 
 
 def _gn(channels: int) -> nn.GroupNorm:

@@ -8,15 +8,12 @@ components) and measures volumes in mL when the voxel spacing is known, else in 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from .postprocess import MIN_LESION_VOXELS, format_burden, postprocess, tumour_burden
+from .config import DEFAULT_WINDOW
+from .postprocess import MIN_LESION_VOXELS, postprocess
 from .util import SamliverError
 
 def predict_probabilities(volume: Any, model: Any, head: Any, *, embeddings: Any = None,
@@ -28,7 +25,7 @@ def predict_probabilities(volume: Any, model: Any, head: Any, *, embeddings: Any
     from .training_data import slice_tensors
 
     zs = list(range(volume.hu.shape[0])) if slices is None else [int(z) for z in slices]
-    window = (getattr(head, "checkpoint_info", None) or {}).get("window") or "abdomen"
+    window = (getattr(head, "checkpoint_info", None) or {}).get("window") or DEFAULT_WINDOW
     if embeddings is None:
         embeddings = embed_volume(volume, model, slices=zs, window=window, progress=progress)
     tf = embeddings.transform
@@ -73,73 +70,3 @@ def predict_volume(volume: Any, model: Any, head: Any, *, embeddings: Any = None
         label[zs] = postprocess(label[zs], min_lesion_size=MIN_LESION_VOXELS if min_lesion_size
                                 is None else min_lesion_size)
     return label
-
-
-def default_output(volume_arg: str) -> Path:
-    """Where ``predict`` writes without ``-o``: beside the volume, ``<stem>_samliver.nii.gz``.
-
-    The sample case (``sample``) writes to ``./outputs/``. A DICOM folder writes beside the
-    folder; a ``.dcm`` file beside its series folder.
-    """
-    if volume_arg == "sample":
-        return Path("outputs") / "sample_samliver.nii.gz"
-    src = Path(volume_arg).expanduser()
-    if src.suffix.lower() == ".dcm":
-        src = src.parent
-    if src.is_dir():
-        return src.parent / f"{src.resolve().name}_samliver.nii.gz"
-    stem = src.name.split(".")[0] or src.name
-    return src.parent / f"{stem}_samliver.nii.gz"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver predict VOLUME --head CKPT [-o mask.nii.gz]``: segment a whole volume."""
-    from .io import SERIES_UID_HELP
-    from .util import check_number, check_output_path
-
-    p = argparse.ArgumentParser(prog="samliver predict", description=main.__doc__)
-    p.add_argument("volume", help="CT volume: NIfTI, DICOM folder, .mrc or 'sample'")
-    p.add_argument("--head", required=True, help="head checkpoint from `samliver train`")
-    p.add_argument("-o", "--output",
-                   help="output label NIfTI (default: <stem>_samliver.nii.gz beside the volume; "
-                        "./outputs/sample_samliver.nii.gz for 'sample'). Never written over the "
-                        "input; an existing file only with --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--series-uid", help=SERIES_UID_HELP)
-    p.add_argument("--model", help="model name (default: the one the head was trained for)")
-    p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
-    p.add_argument("--no-postprocess", action="store_true")
-    p.add_argument("--min-lesion-size", type=int, default=MIN_LESION_VOXELS,
-                   help=f"drop predicted lesions smaller than this many voxels (default "
-                        f"{MIN_LESION_VOXELS}; 0 keeps all)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true", help="print the tumour burden as JSON")
-    args = p.parse_args(argv)
-
-    from .io import load_volume_arg, save_label_nifti
-    from .models import get_model
-    from .checkpoints import load_head_checked, read_checkpoint
-
-    # Everything that can be refused is refused before the model loads and slices encode.
-    check_number("--min-lesion-size", args.min_lesion_size, minimum=0)
-    out = check_output_path(args.output or default_output(args.volume),
-                            inputs=(args.volume, args.head, args.checkpoint),
-                            overwrite=args.overwrite, what="output")
-    try:
-        ckpt = read_checkpoint(args.head)
-    except SamliverError as err:
-        hint = "" if "samliver train" in str(err) else " Give a head written by `samliver train`."
-        raise SamliverError(f"{err}{hint}") from err
-    volume = load_volume_arg(args.volume, series_uid=args.series_uid)
-    name = args.model or ckpt.get("model_name") or "litemedsam"
-    model = get_model(name, checkpoint=args.checkpoint, device=args.device)
-    head = load_head_checked(args.head, model, device=args.device)
-    label = predict_volume(volume, model, head, postprocess_label=not args.no_postprocess,
-                           min_lesion_size=args.min_lesion_size)
-    path = save_label_nifti(label, volume, out)
-    burden = tumour_burden(label, volume.spacing)
-    if args.json:
-        print(json.dumps({"output": str(path), **burden}))
-    else:
-        print(f"wrote {path}\n{format_burden(burden)}")
-    return 0

@@ -10,7 +10,6 @@ the original scan in any viewer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -647,19 +646,3 @@ def format_summary(summary: dict) -> str:
             ml = summary["volume_ml"]
             lines.append(f"volumes:  liver {ml['liver_incl_tumour']} mL, tumour {ml['tumour']} mL")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver info VOLUME [--label LABEL] [--series-uid UID] [--json]``."""
-    parser = argparse.ArgumentParser(prog="samliver info", description="Summarise a CT volume.")
-    parser.add_argument("volume", help="NIfTI file, DICOM series folder, .mrc file or 'sample'")
-    parser.add_argument("--label", help="label volume (0 background, 1 liver, 2 tumour)")
-    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
-    vol = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
-    summary = summarise_volume(vol)
-    if vol.meta.get("format") == "dicom":
-        summary["series_uid"] = vol.meta["series_uid"]
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return 0

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_MODEL
 from .util import SamliverError, atomic_write_text, cache_dir, get_device, sha256_file, torch_threads
 
 # SAM's ImageNet pixel statistics on the 0-255 scale (segment_anything.modeling.Sam defaults).
@@ -521,7 +522,6 @@ def _build_litemedsam(checkpoint, device: str) -> SamModel:
 
 
 def _build_sam(name: str, checkpoint, device: str) -> SamModel:
-    import torch
     from segment_anything import sam_model_registry
 
     kind = "vit_b" if name == "medsam_vit_b" else name.replace("sam_", "")
@@ -605,7 +605,7 @@ def _build_tiny(device: str) -> SamModel:
 
 
 def get_model(
-    name: str = "litemedsam",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | os.PathLike | None = None,
     device: str | None = None,
     *,

@@ -185,3 +185,28 @@ class SliceTransform:
         out = np.zeros((self.target, self.target), dtype=np.int64)
         out[:ih, :iw] = lab[rows[:, None], cols[None, :]]
         return out
+
+
+def parse_window_arg(text: str) -> str | tuple[float, float]:
+    """A CLI ``--window`` value: a window name, or ``lo,hi`` in HU (e.g. ``-160,240``).
+
+    Args:
+        text: the option's text.
+
+    Returns:
+        The name, or ``(lo, hi)`` floats, checked (known name, finite, hi > lo).
+    """
+    text = str(text).strip()
+    if "," not in text:
+        if text not in WINDOWS:
+            raise SamliverError(f"--window {text!r} is unknown: use one of {', '.join(WINDOWS)} or "
+                                "lo,hi in HU (e.g. --window=-160,240).")
+        return text
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SamliverError(f"--window {text!r} is not lo,hi in HU: write two numbers, e.g. "
+                            "--window=-160,240.") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise SamliverError(f"--window {text!r} must be finite numbers, e.g. --window=-160,240.")
+    return get_window((lo, hi))

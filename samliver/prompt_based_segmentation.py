@@ -13,12 +13,11 @@ to float32 rounding; about a third of the work per prompt, see ``docs/decoder_sp
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .config import DEFAULT_WINDOW
 from .util import SamliverError, torch_threads
 
 
@@ -64,7 +63,7 @@ class Predictor:
         self._image_pe = None
 
     # -- image ------------------------------------------------------------------------
-    def set_image(self, slice_hu: np.ndarray, window="abdomen") -> None:
+    def set_image(self, slice_hu: np.ndarray, window=DEFAULT_WINDOW) -> None:
         """Encode one (H, W) HU slice with the model (default window ``"abdomen"``)."""
         from .preprocess import window_to_unit
 
@@ -366,103 +365,3 @@ def time_box_to_mask(
     out["max_abs_logit_diff"] = float(np.abs(ref_logits - new_logits).max())
     out.update(boxes=n, threads=int(num_threads) if num_threads else None, repeats=repeats, clock=clock)
     return out
-
-
-def _save_overlay(slice_hu: np.ndarray, mask: np.ndarray, path: Path, box=None, points=None, labels=None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from .preprocess import window_to_unit
-    from .util import atomic_path
-
-    try:
-        from .visualization import overlay_rgb
-
-        rgb = overlay_rgb(window_to_unit(slice_hu), mask.astype(np.uint8), alpha=0.4)
-    except Exception:  # the overlay helper is a convenience; fall back to a plain red tint
-        unit = window_to_unit(slice_hu)
-        rgb = np.repeat(unit[..., None], 3, axis=-1)
-        rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array([1.0, 0.2, 0.2])
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.imshow(rgb)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
-    if points is not None:
-        for (x, y), lab in zip(points, labels):
-            ax.plot(x, y, "o", color="lime" if lab else "red", ms=6)
-    ax.set_axis_off()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver segment VOLUME --slice Z (--box x0 y0 x1 y1 | --point x y [--negative x y]) -o mask.nii.gz``."""
-    from .io import SERIES_UID_HELP
-    from .util import check_output_path, parse_window_arg
-
-    parser = argparse.ArgumentParser(prog="samliver segment", description="Segment one slice from a box or points.")
-    parser.add_argument("volume", help="a NIfTI file, DICOM folder, .mrc file, or 'sample'")
-    parser.add_argument("--slice", "-z", type=int, required=True, dest="z")
-    parser.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
-    parser.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), default=[])
-    parser.add_argument("--negative", type=float, nargs=2, action="append", metavar=("X", "Y"), default=[])
-    parser.add_argument("-o", "--output", default="mask.nii.gz",
-                        help="label NIfTI (default mask.nii.gz); never an input, an existing file "
-                             "only with --overwrite")
-    parser.add_argument("--png", default=None, help="overlay PNG (default: beside the mask)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--window", default="abdomen", help="HU window name or lo,hi (e.g. --window=-160,240)")
-    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
-    parser.add_argument("--multimask", action="store_true", help="keep the best of 3 masks by predicted IoU")
-    args = parser.parse_args(argv)
-    if args.box is None and not args.point and not args.negative:
-        raise SamliverError("Give a prompt: --box x0 y0 x1 y1 or --point x y (and optionally --negative x y).")
-    window = parse_window_arg(args.window)
-    for name, values in [("--box", [args.box] if args.box else []), ("--point", args.point),
-                         ("--negative", args.negative)]:
-        for v in values:
-            if not np.all(np.isfinite(v)):
-                raise SamliverError(f"{name} {' '.join(map(str, v))} holds a non-finite number; give pixel "
-                                    "coordinates.")
-
-    from .embeddings import embed_volume
-    from .io import load_volume_arg, save_label_nifti
-    from .models import get_model
-
-    # Both outputs are checked before any work: never a mask written and its PNG refused.
-    inputs = (args.volume, args.checkpoint)
-    out_path = check_output_path(args.output, inputs=inputs, overwrite=args.overwrite, what="-o")
-    name = out_path.name
-    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
-    png = check_output_path(Path(args.png) if args.png else out_path.with_name(stem + ".png"),
-                            inputs=inputs + (out_path,), overwrite=args.overwrite, what="--png")
-    volume = load_volume_arg(args.volume, series_uid=args.series_uid)
-    if not 0 <= args.z < volume.shape[0]:
-        raise SamliverError(f"--slice {args.z} is outside the volume's 0..{volume.shape[0] - 1}.")
-    model = get_model(args.model, checkpoint=args.checkpoint)
-    emb = embed_volume(volume, model, slices=[args.z], window=window, progress=False)
-    predictor = Predictor(model)
-    predictor.set_slice(emb, args.z)
-    points = args.point + args.negative
-    labels = [1] * len(args.point) + [0] * len(args.negative)
-    masks, scores, _ = predictor.predict(
-        points=np.array(points) if points else None,
-        point_labels=np.array(labels) if points else None,
-        box=np.array(args.box) if args.box is not None else None,
-        multimask_output=args.multimask,
-    )
-    best = int(np.argmax(scores))
-    mask = masks[best]
-    label = np.zeros(volume.shape, np.uint8)
-    label[args.z] = mask.astype(np.uint8)
-    out = save_label_nifti(label, volume, out_path)
-    _save_overlay(volume.hu[args.z], mask, png, box=args.box, points=points or None, labels=labels)
-    print(f"slice {args.z}: {int(mask.sum())} pixels, predicted IoU {float(scores[best]):.3f} -> {out}, {png}")
-    return 0

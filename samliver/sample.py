@@ -9,7 +9,6 @@ installed), checks the SHA-256 of both files and writes NIfTI image + label to t
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -163,28 +162,3 @@ def load_sample() -> "CTVolume":
         raise SamliverError(f"{err} Repair the sample with `samliver fetch-sample --force`.") from err
     vol.meta["case_id"] = info["case_id"]
     return vol
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver fetch-sample [--json] [--force]``."""
-    parser = argparse.ArgumentParser(
-        prog="samliver fetch-sample",
-        description=f"Download the real LiTS sample ({PACKAGE}=={VERSION} via pip, not installed), "
-                    "check its SHA-256 and write NIfTI image + label to $SAMLIVER_HOME/sample.",
-    )
-    parser.add_argument("--json", action="store_true", help="print the description as JSON")
-    parser.add_argument("--force", action="store_true", help="download and convert again")
-    args = parser.parse_args(argv)
-    info = fetch_sample(force=args.force)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"sample case {info['case_id']}: shape {tuple(info['shape'])} (z, y, x), "
-              f"labels {info['labels_present']}, HU [{info['hu_range'][0]:.1f}, {info['hu_range'][1]:.1f}], "
-              "spacing unknown (voxels)")
-        print(f"image: {info['image']}\nlabel: {info['label']}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

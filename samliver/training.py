@@ -15,32 +15,27 @@ training safely, keeping the last good state and checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
+from .config import DEFAULT_LR, RECIPES
 from .checkpoints import check_compatible, head_options, read_checkpoint, save_checkpoint
+from .checkpoints import model_info as describe_model
 from .evaluation import dice
 from .heads import build_head, predict_logits
 from .losses import IGNORE, seg_loss
 from .postprocess import postprocess
-from .training_data import augment_batch, slice_tensors, training_tensors
-from .util import SamliverError, atomic_path, fast_mode, get_device, torch_threads
+from .training_data import augment_batch
+from .util import SamliverError, fast_mode, get_device, torch_threads
 
-# autosam: swept on the sample (sparse K = 8, 120 steps): tumour Dice 0.62 / 0.74 / 0.83 / 0.85
-# at 5e-5 / 2e-4 / 1e-3 / 3e-3. The decoder starts from SAM's single-mask output, far from
-# three classes, so it needs a head-like rate, not a fine-tuning one (README).
-DEFAULT_LR = {"linear": 3e-3, "cnn": 1e-3, "vit": 5e-4, "autosam": 3e-3}
 
 
 @dataclass
@@ -69,6 +64,33 @@ class TrainConfig:
 
     def learning_rate(self) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR.get(self.kind, 1e-3))
+
+
+def recipe(name: str = "default", *, fast: bool | None = None, **overrides: Any) -> TrainConfig:
+    """The ``TrainConfig`` of a named recipe (``config.RECIPES``), the one way to get a recipe.
+
+    Args:
+        name: ``"default"`` (the demo's and the annotation loop's head) or a head kind
+            (``"linear"``, ``"cnn"``, ``"vit"``, ``"autosam"``).
+        fast: use the recipe's shortened ``fast_steps`` (default: ``SAMLIVER_FAST`` is set).
+        **overrides: ``TrainConfig`` fields to change; ``steps=None`` keeps the recipe's.
+
+    Returns:
+        A new ``TrainConfig``.
+
+    Raises:
+        SamliverError: an unknown recipe name or field.
+    """
+    if name not in RECIPES:
+        raise SamliverError(f"Unknown training recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+    fields = {k: copy.deepcopy(v) for k, v in RECIPES[name].items() if k != "fast_steps"}
+    if fast_mode() if fast is None else fast:
+        fields["steps"] = RECIPES[name]["fast_steps"]
+    fields.update({k: v for k, v in overrides.items() if not (k == "steps" and v is None)})
+    try:
+        return TrainConfig(**fields)
+    except TypeError as err:
+        raise SamliverError(f"Bad training setting for recipe {name!r}: {err}.") from err
 
 
 @dataclass
@@ -144,6 +166,8 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
                 checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
                 curves_path: str | Path | None, val_data: tuple | None) -> TrainResult:
     config = copy.deepcopy(config or TrainConfig())
+    if model_info is None and model is not None:
+        model_info = describe_model(model)  # the checkpoint records what it was trained for
     emb = np.asarray(emb, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     if emb.ndim != 4 or labels.ndim != 3 or len(emb) != len(labels):
@@ -282,45 +306,11 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
                         optimizer=opt, scheduler=sched, step=history["step"][-1] + 1
                         if history["step"] else start)
     if curves_path:
-        plot_curves(history, curves_path)
+        from .visualization import save_figure, training_curves_figure
+
+        save_figure(training_curves_figure(history), curves_path, dpi=100)
     head.to(memory_format=torch.contiguous_format).eval()
     return TrainResult(head=head, history=history, checkpoint=Path(checkpoint) if checkpoint else None)
-
-
-def time_demo_recipe(config: TrainConfig | None = None, *, embeddings: Any = None) -> dict:
-    """Train the demo's head on the sample's demo split and score it, timed (for benchmarks).
-
-    ``config`` defaults to the demo recipe (``demo.demo_train_config()``). The sample and the
-    LiteMedSAM embeddings of every slice come from the caches (the first call encodes them,
-    which is not timed). Test Dice as the demo reports it: the other 120 slices, post-processed,
-    global over the stack.
-
-    Returns:
-        ``{"seconds", "ms_per_step", "steps", "liver_dice", "tumour_dice", "threads"}``.
-    """
-    from .datasets import protocol_split
-    from .demo import DEMO_K, demo_train_config
-    from .embeddings import embed_volume
-    from .inference import predict_volume
-    from .models import get_model
-    from .sample import fetch_sample, load_sample
-
-    fetch_sample()
-    volume = load_sample()
-    model = get_model("litemedsam")
-    embeddings = embeddings or embed_volume(volume, model, progress=False)
-    train, test = protocol_split(volume.label, protocol="sparse", k=DEMO_K)
-    config = config or demo_train_config()
-    x, y, images = slice_tensors(volume, embeddings, train)
-    res = train_head(x, y, images=images, config=config, model=model, progress=False)
-    raw = predict_volume(volume, model, res.head, embeddings=embeddings, slices=test,
-                         postprocess_label=False, progress=False)
-    pred, gt = postprocess(raw[test]), volume.label[test]
-    n = max(1, len(res.history["step"]))
-    return {"seconds": res.history["seconds"], "ms_per_step": 1e3 * res.history["seconds"] / n,
-            "steps": n, "liver_dice": dice(pred >= 1, gt >= 1),
-            "tumour_dice": dice(pred == 2, gt == 2),
-            "threads": config.threads or torch.get_num_threads()}
 
 
 def pseudo_labels(probs: np.ndarray, threshold: float = 0.9) -> np.ndarray:
@@ -368,144 +358,4 @@ def self_train(emb: np.ndarray, labels: np.ndarray, unlabelled: tuple[np.ndarray
     return res
 
 
-def plot_curves(history: dict, path: str | Path) -> Path:
-    """Loss (smoothed) and validation Dice against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    loss = np.asarray(history.get("loss", []), float)
-    if loss.size:
-        k = max(1, loss.size // 30)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        a.plot(history["step"][: smooth.size], smooth)
-    a.set(xlabel="step", ylabel="loss", title="training loss")
-    b.plot(history.get("val_step", []), history.get("val_liver", []), "o-", label="liver")
-    b.plot(history.get("val_step", []), history.get("val_tumour", []), "s-", label="tumour")
-    b.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title={"train": "Dice on the training slices", "held-out": "validation Dice (held-out slices)"}
-          .get(history.get("val_on"), "validation Dice"))
-    b.legend()
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------- CLI
-
-
-def parse_slices(text: str | None) -> list[int] | None:
-    """``"3,20,41"`` / ``"50-90"`` / ``"1,5-8"`` -> sorted slice list (ranges inclusive)."""
-    if not text:
-        return None
-    out: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.update(range(int(lo), int(hi) + 1))
-            else:
-                out.add(int(part))
-        except ValueError as err:
-            raise SamliverError(f"Bad slice list {text!r}: use e.g. 3,20,41 or 50-90.") from err
-    return sorted(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver train [VOLUME] [--label L] --head cnn --k 8 --protocol sparse -o head.pt``."""
-    from .io import SERIES_UID_HELP
-
-    p = argparse.ArgumentParser(prog="samliver train", description=main.__doc__)
-    p.add_argument("volume", nargs="?", help="CT volume (default: the sample case)")
-    p.add_argument("--label", help="label file for VOLUME")
-    p.add_argument("--model", default="litemedsam")
-    p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
-    p.add_argument("--head", default="cnn", choices=["linear", "cnn", "vit", "autosam"])
-    p.add_argument("--k", type=int, default=8, help="number of labelled slices (default 8)")
-    p.add_argument("--protocol", default="sparse", choices=["sparse", "slab"])
-    p.add_argument("--train-slices", help="explicit labelled slices, e.g. 3,20,41 or 10-20")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--augment", default="flip", choices=["none", "flip", "flip+rot"])
-    p.add_argument("--train-parts", default=None, choices=["all", "tokens", "transformer"],
-                   help="autosam only: which decoder parts learn (default all)")
-    p.add_argument("--views", type=int, default=0,
-                   help="cached augmented views per labelled slice (rotate/scale/shift/HU; default 0)")
-    p.add_argument("--self-train", type=int, default=0, metavar="ROUNDS",
-                   help="pseudo-label self-training rounds on the volume's other slices (default "
-                        "0; encodes every slice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--series-uid", help=SERIES_UID_HELP)
-    p.add_argument("-o", "--output", default="outputs/head.pt",
-                   help="head checkpoint (default outputs/head.pt; never one of the inputs)")
-    args = p.parse_args(argv)
-    # Checked before loading anything: a bad flag should not cost a volume's embeddings.
-    if args.train_parts and args.head != "autosam":
-        raise SamliverError(f"--train-parts applies to the autosam head, not {args.head!r}.")
-    from .util import check_number, check_output_path
-
-    check_number("--k", args.k, minimum=1)
-    check_number("--steps", args.steps, minimum=1)
-    check_number("--lr", args.lr, positive=True, maximum=10)
-    check_number("--views", args.views, minimum=0)
-    check_number("--self-train", args.self_train, minimum=0)
-    check_number("--seed", args.seed, minimum=0)
-    out = check_output_path(args.output, inputs=(args.volume, args.label, args.checkpoint),
-                            overwrite=True, what="-o")
-    check_output_path(out.with_suffix(".curves.png"), inputs=(args.volume, args.label),
-                      overwrite=True, what="curves")
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    from .datasets import protocol_split
-    from .embeddings import embed_volume
-    from .models import get_model
-
-    from .io import load_volume_arg
-
-    volume = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
-    if volume.label is None:
-        raise SamliverError(f"{args.volume} has no label: pass --label with the annotation file.")
-    train = parse_slices(args.train_slices)
-    if train == []:
-        raise SamliverError(f"--train-slices {args.train_slices!r} names no slices: write ranges "
-                            "low-high, e.g. 10-20.")
-    if train is None:
-        train, _ = protocol_split(volume.label, protocol=args.protocol, k=args.k)
-        if len(train) < args.k:
-            raise SamliverError(f"K={args.k} is larger than the {len(train)} labelled slices "
-                                "available for this protocol: choose a smaller --k.")
-    bad = [z for z in train if not 0 <= z < volume.hu.shape[0]]
-    if bad:
-        raise SamliverError(f"Slices {bad} are outside the volume (0..{volume.hu.shape[0] - 1}).")
-    model = get_model(args.model, checkpoint=args.checkpoint, device=args.device)
-    embs = embed_volume(volume, model, slices=train)
-    emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
-                                           seed=args.seed, progress=True)
-    steps = args.steps if args.steps is not None else (60 if fast_mode() else 300)
-    config = TrainConfig(kind=args.head, steps=steps, lr=args.lr, augment=args.augment,
-                         seed=args.seed, device=args.device,
-                         head_options={"train_parts": args.train_parts} if args.train_parts else {})
-    info = {"model_name": model.name, "weights_id": model.weights_id, "window": embs.window}
-    kwargs = dict(config=config, model=model, model_info=info, checkpoint=out,
-                  curves_path=out.with_suffix(".curves.png"))
-    if args.self_train:
-        rest = [z for z in range(volume.hu.shape[0]) if z not in set(train)]
-        u_emb, _, u_img = slice_tensors(volume, embed_volume(volume, model, slices=rest), rest,
-                                        need_label=False)
-        res = self_train(emb, labels, (u_emb, u_img), images=images, rounds=args.self_train,
-                         **kwargs)
-    else:
-        res = train_head(emb, labels, images=images, **kwargs)
-    print(json.dumps({"checkpoint": str(out), "train_slices": train,
-                      "best_step": res.history["best_step"], "stopped": res.history["stopped"],
-                      "val_on": res.history["val_on"], "val_score": res.history["best_score"],
-                      "seconds": round(res.history["seconds"], 1)}))
-    return 0

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import DEFAULT_WINDOW
 from .util import SamliverError
 
 
@@ -28,7 +29,7 @@ def slice_tensors(volume: Any, embeddings: Any, slices: list[int], *, window: st
         raise SamliverError(
             f"{getattr(volume, 'source', 'The volume')} has no label: training needs labelled "
             "slices. Pass a label file (load_volume(path, label_path=...)).")
-    window = window or getattr(embeddings, "window", "abdomen")
+    window = window or getattr(embeddings, "window", DEFAULT_WINDOW)
     tf = embeddings.transform
     emb = np.asarray(embeddings.stack(list(slices)), dtype=np.float32)
     images = np.stack([tf.apply_image(window_to_unit(volume.hu[z], window)) for z in slices])
@@ -78,7 +79,7 @@ def augmented_views(volume: Any, slices: list[int], *, n_views: int = 2, seed: i
 
 
 def view_tensors(volume: Any, model: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
-                 window: str = "abdomen", progress: bool = False) -> tuple:
+                 window: str = DEFAULT_WINDOW, progress: bool = False) -> tuple:
     """Embeddings, labels and images of ``augmented_views`` (encoded once, then from the cache).
 
     Returns the same ``(emb, labels, images)`` triple as ``slice_tensors``; append it to the
@@ -99,7 +100,7 @@ def training_tensors(volume: Any, embeddings: Any, slices: list[int], *, model: 
     if not views:
         return tensors
     extra = view_tensors(volume, model, slices, n_views=views, seed=seed,
-                         window=getattr(embeddings, "window", "abdomen"), progress=progress)
+                         window=getattr(embeddings, "window", DEFAULT_WINDOW), progress=progress)
     return tuple(np.concatenate([a, b]) for a, b in zip(tensors, extra))
 
 

@@ -190,33 +190,6 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple = (), overwrite:
     return out
 
 
-def parse_window_arg(text: str) -> str | tuple[float, float]:
-    """A CLI ``--window`` value: a window name, or ``lo,hi`` in HU (e.g. ``-160,240``).
-
-    Args:
-        text: the option's text.
-
-    Returns:
-        The name, or ``(lo, hi)`` floats, checked (known name, finite, hi > lo).
-    """
-    from .preprocess import WINDOWS, get_window
-
-    text = str(text).strip()
-    if "," not in text:
-        if text not in WINDOWS:
-            raise SamliverError(f"--window {text!r} is unknown: use one of {', '.join(WINDOWS)} or "
-                                "lo,hi in HU (e.g. --window=-160,240).")
-        return text
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise SamliverError(f"--window {text!r} is not lo,hi in HU: write two numbers, e.g. "
-                            "--window=-160,240.") from None
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise SamliverError(f"--window {text!r} must be finite numbers, e.g. --window=-160,240.")
-    return get_window((lo, hi))
-
-
 def check_number(name: str, value, *, minimum: float | None = None, positive: bool = False,
                  maximum: float | None = None) -> None:
     """Raise a one-line :class:`SamliverError` if a numeric option is out of range or not finite.
@@ -239,3 +212,56 @@ def check_number(name: str, value, *, minimum: float | None = None, positive: bo
         raise SamliverError(f"{name} {value} must be at least {minimum:g}.")
     if maximum is not None and v > maximum:
         raise SamliverError(f"{name} {value} must be at most {maximum:g}.")
+
+
+def parse_slice_spec(spec: str | None, depth: int | None = None) -> list[int] | None:
+    """Read a slice list: ``"72-127"`` (inclusive), ``"3,5,9"`` or a mix, e.g. ``"1,5-8"``.
+
+    Args:
+        spec: the text; None, ``""`` or ``"all"`` mean every slice.
+        depth: the volume's slice count, to refuse slices outside it (None: not checked).
+
+    Returns:
+        The sorted slice indices, or None for every slice.
+
+    Raises:
+        SamliverError: unreadable text, a backwards range, no slice named, or a slice outside
+            ``0..depth-1``.
+    """
+    if spec is None or str(spec).strip().lower() in ("", "all"):
+        return None
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                a, b = int(a), int(b)
+            else:
+                a = b = int(part)
+        except ValueError as err:
+            raise SamliverError(f"Cannot read slice list {spec!r}: use e.g. 72-127 or 3,5,9.") from err
+        if b < a:
+            raise SamliverError(f"Slice range {part!r} runs backwards: write it low-high, e.g. {b}-{a}.")
+        out.update(range(a, b + 1))
+    if not out:
+        raise SamliverError(f"Slice list {spec!r} names no slices: use e.g. 72-127 or 3,5,9.")
+    return sorted(out) if depth is None else check_slices(out, depth)
+
+
+def check_slices(slices, depth: int) -> list[int]:
+    """Sorted unique slice indices, all inside ``0..depth-1`` (None: every slice).
+
+    Raises:
+        SamliverError: a slice outside the volume.
+    """
+    if slices is None:
+        return list(range(depth))
+    out = sorted({int(z) for z in slices})
+    bad = [z for z in out if not 0 <= z < depth]
+    if bad:
+        raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}: choose slices "
+                            "in that range.")
+    return out

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import DEFAULT_WINDOW
 from .preprocess import window_to_unit
 from .util import atomic_path
 
@@ -91,7 +92,7 @@ def overview_figure(
     volume: "CTVolume",
     path: str | os.PathLike | None = None,
     *,
-    window: str | tuple[float, float] = "abdomen",
+    window: str | tuple[float, float] = DEFAULT_WINDOW,
     index: tuple[int, int, int] | None = None,
     alpha: float = 0.4,
     title: str | None = None,
@@ -212,7 +213,7 @@ def prediction_figure(
     prediction: np.ndarray,
     slices: list[int],
     *,
-    window: str | tuple[float, float] = "abdomen",
+    window: str | tuple[float, float] = DEFAULT_WINDOW,
     alpha: float = 0.45,
     title: str | None = None,
     path: str | os.PathLike | None = None,
@@ -262,4 +263,134 @@ def zero_shot_figure(rows: list[dict], path: str | os.PathLike | None = None,
     ax.legend(title="class")
     if path is not None:
         save_figure(fig, path)
+    return fig
+
+
+def training_curves_figure(history: dict) -> "Figure":
+    """Training loss (smoothed) and validation Dice against step.
+
+    Args:
+        history: ``TrainResult.history`` (``step``, ``loss``, ``val_step``, ``val_liver``,
+            ``val_tumour``, ``val_on``).
+
+    Returns:
+        A two-panel ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    a, b = fig.subplots(1, 2)
+    loss = np.asarray(history.get("loss", []), float)
+    if loss.size:
+        k = max(1, loss.size // 30)  # a running mean over ~30 points: the raw loss is noisy
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        a.plot(history["step"][: smooth.size], smooth)
+    a.set(xlabel="step", ylabel="loss", title="training loss")
+    b.plot(history.get("val_step", []), history.get("val_liver", []), "o-", label="liver")
+    b.plot(history.get("val_step", []), history.get("val_tumour", []), "s-", label="tumour")
+    titles = {"train": "Dice on the training slices", "held-out": "validation Dice (held-out slices)"}
+    b.set(xlabel="step", ylabel="Dice", ylim=(0, 1),
+          title=titles.get(history.get("val_on"), "validation Dice"))
+    b.legend()
+    return fig
+
+
+def label_efficiency_figure(rows: list[dict]) -> "Figure":
+    """Dice against labelled slices K per method (mean and sd band), one column per protocol.
+
+    Args:
+        rows: summarised records (``experiment.summarise``): ``method``, ``protocol``, ``k``,
+            ``liver_dice``/``tumour_dice`` and their ``_sd``. Methods with K = 0 (zero-shot) are
+            drawn as dashed reference lines.
+
+    Returns:
+        A ``Figure`` with liver (top) and tumour (bottom) rows.
+    """
+    from matplotlib.figure import Figure
+
+    protocols = sorted({r["protocol"] for r in rows}) or [""]
+    fig = Figure(figsize=(5 * len(protocols), 7), layout="constrained")
+    axes = fig.subplots(2, len(protocols), squeeze=False)
+    for j, protocol in enumerate(protocols):
+        sub = [r for r in rows if r["protocol"] == protocol]
+        ks = sorted({r["k"] for r in sub if r["k"] > 0}) or [0]
+        for i, key in enumerate(("liver_dice", "tumour_dice")):
+            ax = axes[i][j]
+            for method in sorted({r["method"] for r in sub}):
+                m = sorted([r for r in sub if r["method"] == method and r[key] is not None],
+                           key=lambda r: r["k"])
+                if not m:
+                    continue
+                if m[0]["k"] == 0:  # zero-shot: no labelled slices, a reference line
+                    ax.axhline(m[0][key], ls="--", lw=1, color="grey")
+                    ax.text(ks[0], m[0][key], method, fontsize=7, va="bottom", color="grey")
+                    continue
+                x = [r["k"] for r in m]
+                y = np.array([r[key] for r in m])
+                sd = np.array([r.get(key + "_sd") or 0.0 for r in m])
+                ax.plot(x, y, "o-", label=method)
+                ax.fill_between(x, y - sd, y + sd, alpha=0.2)
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel="labelled slices K", ylabel=key.replace("_", " "), ylim=(0, 1),
+                   title=f"{protocol}: {key.split('_')[0]}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    return fig
+
+
+def comparison_figure(volume: "CTVolume", prediction: np.ndarray, slices: list[int],
+                      window: str | tuple[float, float] = DEFAULT_WINDOW) -> "Figure":
+    """Reference label beside the prediction on chosen axial slices (one row per slice).
+
+    Args:
+        volume: the CT volume with its reference ``label``.
+        prediction: predicted label volume (z, y, x).
+        slices: axial slice indices to show.
+        window: HU window name or (low, high).
+
+    Returns:
+        A ``Figure`` with two columns (ground truth, prediction) and a class legend.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3 * len(slices)), layout="constrained")
+    axes = fig.subplots(len(slices), 2, squeeze=False)
+    for row, z in enumerate(slices):
+        img = window_to_unit(volume.hu[z], window)
+        for col, (lab, name) in enumerate(((volume.label[z], "ground truth"), (prediction[z], "prediction"))):
+            ax = axes[row][col]
+            ax.imshow(overlay_rgb(img, lab))
+            ax.set_title(f"z={z}: {name}", fontsize=9)
+            ax.axis("off")
+    fig.legend(handles=legend_handles(), loc="outside lower center", ncol=2, fontsize=8)
+    return fig
+
+
+def prompt_figure(slice_hu: np.ndarray, mask: np.ndarray, *, box=None, points=None, labels=None,
+                  window: str | tuple[float, float] = DEFAULT_WINDOW) -> "Figure":
+    """One slice with a mask overlay and the prompts that made it (box, +/- points).
+
+    Args:
+        slice_hu: (H, W) slice in HU.
+        mask: (H, W) boolean mask.
+        box: ``(x0, y0, x1, y1)`` or None.
+        points: (N, 2) ``(x, y)`` points or None; ``labels``: 1 positive / 0 negative each.
+        window: HU window name or (low, high).
+
+    Returns:
+        A ``Figure``.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(5, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(overlay_rgb(window_to_unit(slice_hu, window), np.asarray(mask).astype(np.uint8), alpha=0.4))
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
+    if points is not None:
+        for (x, y), lab in zip(points, labels if labels is not None else [1] * len(points)):
+            ax.plot(x, y, "o", color="lime" if lab else "red", ms=6)
+    ax.set_axis_off()
     return fig

@@ -18,14 +18,14 @@ prediction. Scores that a mode does not produce are ``None``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from .config import DEFAULT_WINDOW
+from .evaluation import dice
 from .util import SamliverError
 
 MODES = ("liver_box", "lesion_boxes", "lesion_points", "corrective_clicks", "propagation_3d")
@@ -34,10 +34,6 @@ MODES = ("liver_box", "lesion_boxes", "lesion_points", "corrective_clicks", "pro
 BASELINE_MODES = ("liver_box", "lesion_boxes", "propagation_3d")
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    from .evaluation import dice
-
-    return float(dice(pred, gt))
 
 
 def _best(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, int]:
@@ -154,7 +150,7 @@ def evaluate_zero_shot(
     embeddings: Any = None,
     progress: bool = True,
     *,
-    window: str = "abdomen",
+    window: str = DEFAULT_WINDOW,
     clicks: int = 3,
     jitter: float = 0.0,
     seed: int = 0,
@@ -218,8 +214,8 @@ def evaluate_zero_shot(
         seconds = time.perf_counter() - t0
         rows.append({
             "mode": mode,
-            "liver_dice": _dice(liver, gt_sel >= 1) if did_liver else None,
-            "tumour_dice": _dice(tumour, gt_sel == 2) if did_tumour else None,
+            "liver_dice": dice(liver, gt_sel >= 1) if did_liver else None,
+            "tumour_dice": dice(tumour, gt_sel == 2) if did_tumour else None,
             "n_slices": len(slices),
             "n_prompts": int(n_prompts),
             "ms_per_prompt": 1000.0 * seconds / max(n_prompts, 1),
@@ -241,63 +237,3 @@ def format_table(rows: list[dict]) -> str:
     lines += [f"| {r['mode']} | {f(r['liver_dice'])} | {f(r['tumour_dice'])} | {r['n_prompts']} | "
               f"{r['ms_per_prompt']:.1f} |" for r in rows]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``samliver zero-shot [VOLUME] [--protocol slab|sparse] [--json]``: prompted SAM on the sample."""
-    from .io import SERIES_UID_HELP
-
-    parser = argparse.ArgumentParser(prog="samliver zero-shot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("volume", nargs="?", default="sample",
-                        help="'sample' (default) or a CT with its label: IMAGE or IMAGE:LABEL")
-    parser.add_argument("--label", default=None, help="label file for VOLUME")
-    parser.add_argument("--protocol", choices=("slab", "sparse"), default="slab",
-                        help="test slices of DESIGN.md's protocol (default slab: z 72-127)")
-    parser.add_argument("--k", type=int, default=8, help="labelled slices of the sparse protocol (default 8)")
-    parser.add_argument("--slices", default=None, help="evaluate these slices instead, e.g. '72-127' or '3,20,41'")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list (default all: {','.join(MODES)})")
-    parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--window", default="abdomen")
-    parser.add_argument("--clicks", type=int, default=3)
-    parser.add_argument("--jitter", type=float, default=0.0, help="box jitter in pixels (default 0: tight)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per mode")
-    parser.add_argument("-o", "--output", default=None, help="also write the JSON rows to this file")
-    parser.add_argument("--series-uid", help=SERIES_UID_HELP)
-    args = parser.parse_args(argv)
-
-    from .datasets import protocol_split
-    from .embeddings import parse_slice_spec
-    from .io import load_volume_arg
-    from .models import get_model
-    from .util import atomic_write_text, check_number, check_output_path, parse_window_arg
-
-    window = parse_window_arg(args.window)
-    check_number("--k", args.k, minimum=1)
-    check_number("--clicks", args.clicks, minimum=1)
-    check_number("--jitter", args.jitter, minimum=0)
-    if args.output:
-        check_output_path(args.output, inputs=(args.volume, args.label), overwrite=True, what="-o")
-    volume = load_volume_arg(args.volume, args.label, series_uid=args.series_uid)
-    if volume.label is None:
-        raise SamliverError(f"{args.volume} has no label: pass --label LABEL so prompts can be simulated.")
-    if args.slices:
-        slices = parse_slice_spec(args.slices, volume.shape[0]) or list(range(volume.shape[0]))
-    else:
-        slices = protocol_split(volume.label, args.protocol, k=args.k)[1]
-    model = get_model(args.model, checkpoint=args.checkpoint)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rows = evaluate_zero_shot(volume, model, slices, modes=modes, progress=not args.json, window=window,
-                              clicks=args.clicks, jitter=args.jitter, seed=args.seed)
-    for r in rows:
-        r["protocol"] = None if args.slices else args.protocol
-    text = json.dumps(rows, indent=1)
-    if args.output:
-        atomic_write_text(args.output, text + "\n")
-    if args.json:
-        print(text)
-    else:
-        print(f"{model.name} on {len(slices)} slices ({slices[0]}..{slices[-1]}), prompts from the label:")
-        print(format_table(rows))
-    return 0

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 
+from samliver.cli import bench as bench_cli
 from samliver import bench
 
 # The names scripts read (the speed issue's contract) and the per-backend rows of the quick run.
@@ -25,7 +26,7 @@ def test_quick_bench_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "out" / "bench.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tiny's random-weights warning
-        rc = bench.main(["--quick", "--model", "tiny", "--volume", "phantom", "--prompts", "3", "--out", str(out)])
+        rc = bench_cli.main(["--quick", "--model", "tiny", "--volume", "phantom", "--prompts", "3", "--out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert table.startswith("| name | value | unit | note |")
@@ -48,7 +49,7 @@ def test_bench_rejects_bad_arguments(tmp_path):
     from samliver.util import SamliverError
 
     with pytest.raises(SamliverError, match="--slices must be at least 1"):
-        bench.main(["--model", "tiny", "--volume", "phantom", "--slices", "0", "--no-int8", "--out", str(tmp_path / "b.json")])
+        bench_cli.main(["--model", "tiny", "--volume", "phantom", "--slices", "0", "--no-int8", "--out", str(tmp_path / "b.json")])
 
 
 def test_format_table_handles_missing_values():

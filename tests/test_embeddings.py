@@ -18,10 +18,9 @@ from samliver.embeddings import (
     clear_cache,
     embed_volume,
     open_embeddings,
-    parse_slice_spec,
 )
 from samliver.models import get_model
-from samliver.util import SamliverError
+from samliver.util import parse_slice_spec, SamliverError
 
 
 @pytest.fixture(scope="module")

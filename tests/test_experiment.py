@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from samliver.cli import experiment as experiment_cli
 from samliver import experiment
 from samliver.io import CTVolume
 from samliver.util import SamliverError
@@ -103,16 +104,16 @@ def test_report_rebuilds_outputs_from_partial_logs(tmp_path, capsys):
            "tumour_dice": 0.5, "n_test": 10, "seconds": 1.0}
     a.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "seed": 1, "liver_dice": 0.9}) + "\n")
     b.write_text(json.dumps([{**rec, "protocol": "slab"}]))
-    assert experiment.main(["--report", str(a), str(b), "--output-dir", str(tmp_path / "o")]) == 0
+    assert experiment_cli.main(["--report", str(a), str(b), "--output-dir", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "| sparse | 2 | cnn | 0.850 ± 0.071 |" in out and "| slab | 2 | cnn | 0.800 |" in out
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"experiment.csv", "experiment.md",
                                                             "experiment.png"}
     (tmp_path / "bad.jsonl").write_text('{"method": "cnn"}\n')
     with pytest.raises(SamliverError, match="not an experiment record"):
-        experiment.main(["--report", str(tmp_path / "bad.jsonl")])
+        experiment_cli.main(["--report", str(tmp_path / "bad.jsonl")])
     with pytest.raises(SamliverError, match="not found"):
-        experiment.main(["--report", str(tmp_path / "missing.jsonl")])
+        experiment_cli.main(["--report", str(tmp_path / "missing.jsonl")])
 
 
 def test_k_larger_than_available():
@@ -123,9 +124,9 @@ def test_k_larger_than_available():
 
 def test_cli_rejects_bad_names():
     with pytest.raises(SamliverError, match="Unknown heads"):
-        experiment.main(["--heads", "resnet", "--json"])
+        experiment_cli.main(["--heads", "resnet", "--json"])
     with pytest.raises(SamliverError, match="integers"):
-        experiment.main(["--k", "a,b"])
+        experiment_cli.main(["--k", "a,b"])
 
 
 def test_dataset_folder_errors(tmp_path):
@@ -148,5 +149,5 @@ def test_cli_volume_without_label(tmp_path):
 
     src = save_volume_nifti(_volume().hu, tmp_path / "ct.nii.gz")
     with pytest.raises(SamliverError, match="no label"):
-        experiment.main([str(src), "--model", "tiny", "--heads", "linear", "--baselines", "",
+        experiment_cli.main([str(src), "--model", "tiny", "--heads", "linear", "--baselines", "",
                          "--k", "1", "--seeds", "0", "--output-dir", str(tmp_path / "o")])

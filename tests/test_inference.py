@@ -65,7 +65,8 @@ def test_predict_volume_and_cli_with_tiny_model(tmp_path, monkeypatch):
     import nibabel as nib
 
     from samliver.heads import build_head
-    from samliver.inference import main, predict_volume
+    from samliver.cli.predict import main
+    from samliver.inference import predict_volume
     from samliver.io import load_volume, save_volume_nifti
     from samliver.models import get_model
     from samliver.phantom import make_phantom

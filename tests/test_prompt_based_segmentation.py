@@ -6,7 +6,7 @@ import pytest
 from samliver.embeddings import embed_volume
 from samliver.models import get_model
 from samliver.prompt_based_segmentation import Predictor
-from samliver.prompt_based_segmentation import main as segment_main
+from samliver.cli.segment import main as segment_main
 from samliver.util import SamliverError
 
 

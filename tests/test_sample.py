@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from samliver.cli import fetch_sample as fetch_sample_cli
 from samliver import sample
 from samliver.util import SamliverError
 
@@ -90,8 +91,8 @@ def test_cache_not_writable(tmp_path, monkeypatch):
 
 
 def test_cli_json(capsys):
-    assert sample.main(["--json"]) == 0
+    assert fetch_sample_cli.main(["--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["shape"] == [128, 128, 128] and info["hu_range"][0] < info["hu_range"][1]
-    assert sample.main([]) == 0
+    assert fetch_sample_cli.main([]) == 0
     assert "spacing unknown" in capsys.readouterr().out

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from samliver.cli import train as train_cli
 from samliver import training, training_data
 from samliver.checkpoints import load_head
 from samliver.heads import predict_logits
 from samliver.losses import IGNORE, seg_loss
-from samliver.training import TrainConfig, parse_slices, train_head
-from samliver.util import SamliverError
+from samliver.training import TrainConfig, train_head
+from samliver.util import SamliverError, parse_slice_spec
 
 
 def _synthetic(n=6, seed=0, dim=16, grid=16, size=32):
@@ -171,15 +172,32 @@ def test_bf16_auto_follows_the_hardware(monkeypatch):
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_demo_uses_the_fast_recipe(monkeypatch, tmp_path):
-    """The demo trains with ``demo_train_config`` (the recipe timed in docs/training_speed.md)."""
+def test_recipes_come_from_one_place(monkeypatch):
+    """Named recipes (config.RECIPES) become TrainConfigs in one function, FAST scaling included."""
+    from samliver.config import RECIPES
+
+    cfg = training.recipe("default", fast=False)
+    spec = RECIPES["default"]
+    assert (cfg.kind, cfg.steps, cfg.batch_size, cfg.lr) == (spec["kind"], spec["steps"], spec["batch_size"], spec["lr"])
+    assert cfg.head_options == {"refine_size": 128}
+    assert training.recipe("default", fast=True).steps == spec["fast_steps"] < cfg.steps
+    monkeypatch.setenv("SAMLIVER_FAST", "1")
+    assert training.recipe("cnn").steps == RECIPES["cnn"]["fast_steps"]
+    assert training.recipe("cnn", steps=7, seed=3).steps == 7
+    assert training.recipe("cnn", steps=None).steps == RECIPES["cnn"]["fast_steps"]
+    cfg.head_options["refine_size"] = 1  # a copy: the table itself never changes
+    assert RECIPES["default"]["head_options"] == {"refine_size": 128}
+    with pytest.raises(SamliverError, match="Unknown training recipe"):
+        training.recipe("resnet")
+    with pytest.raises(SamliverError, match="Bad training setting"):
+        training.recipe("cnn", colour="red")
+
+
+def test_demo_trains_the_default_recipe(monkeypatch, tmp_path):
+    """The demo trains with the ``default`` recipe (the one timed in docs/training_speed.md)."""
     from samliver import demo
 
-    cfg = demo.demo_train_config()
-    assert (cfg.kind, cfg.steps, cfg.batch_size) == (demo.DEMO_HEAD, demo.DEMO_STEPS, demo.DEMO_BATCH)
-    assert cfg.lr == demo.DEMO_LR and cfg.warmup == demo.DEMO_WARMUP
-    assert cfg.head_options == demo.DEMO_HEAD_OPTIONS == {"refine_size": 128}
-    assert demo.demo_train_config(fast=True).steps < cfg.steps
+    cfg = training.recipe("default", fast=False)
     seen = {}
 
     def fake_train(x, y, *, config, **kw):
@@ -225,11 +243,11 @@ def test_augment_is_consistent():
 
 
 def test_parse_slices():
-    assert parse_slices("3,20,41") == [3, 20, 41]
-    assert parse_slices("50-53,1") == [1, 50, 51, 52, 53]
-    assert parse_slices(None) is None
+    assert parse_slice_spec("3,20,41") == [3, 20, 41]
+    assert parse_slice_spec("50-53,1") == [1, 50, 51, 52, 53]
+    assert parse_slice_spec(None) is None
     with pytest.raises(SamliverError):
-        parse_slices("a-b")
+        parse_slice_spec("a-b")
 
 
 def test_train_cli_with_tiny_model(tmp_path, monkeypatch):
@@ -243,19 +261,19 @@ def test_train_cli_with_tiny_model(tmp_path, monkeypatch):
     lab = save_volume_nifti(vol.label, tmp_path / "lab.nii.gz", spacing=vol.spacing, label=True)
     out = tmp_path / "head.pt"
     with pytest.warns(UserWarning):
-        rc = training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "linear",
+        rc = train_cli.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "linear",
                             "--train-slices", "2,5", "--steps", "3", "-o", str(out)])
     assert rc == 0 and out.exists() and out.with_suffix(".curves.png").exists()
     with pytest.raises(SamliverError, match="outside"):
-        training.main([str(img), "--label", str(lab), "--model", "tiny", "--train-slices", "40"])
+        train_cli.main([str(img), "--label", str(lab), "--model", "tiny", "--train-slices", "40"])
     with pytest.raises(SamliverError, match="no label"):
-        training.main([str(img), "--model", "tiny", "--train-slices", "1"])
+        train_cli.main([str(img), "--model", "tiny", "--train-slices", "1"])
     with pytest.raises(SamliverError, match="autosam"):
-        training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "cnn",
+        train_cli.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "cnn",
                        "--train-slices", "2,5", "--train-parts", "tokens"])
     out2 = tmp_path / "autosam.pt"
     with pytest.warns(UserWarning):
-        training.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "autosam",
+        train_cli.main([str(img), "--label", str(lab), "--model", "tiny", "--head", "autosam",
                        "--train-slices", "2,5", "--steps", "2", "--train-parts", "tokens",
                        "-o", str(out2)])
     head = load_head(out2)

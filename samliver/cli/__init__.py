@@ -1,7 +1,9 @@
 """The ``samliver`` command: ``samliver <command> [options]``.
 
-Each command is the ``main(argv)`` of the module that does the work, imported only when
-called so that ``samliver --help`` stays fast (torch is not imported for it).
+Each command is the ``main(argv)`` of a module of this package (``samliver/cli/<command>.py``):
+a thin view that parses options (the shared groups are in :mod:`samliver.cli.options`) and
+calls the library. A command's module is imported only when it runs, so that
+``samliver --help`` stays fast (torch is not imported for it).
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from ..util import SamliverError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fetch-sample": ("samliver.sample", "download the real LiTS sample case and write it as NIfTI"),
-    "info": ("samliver.io", "summarise a CT volume (NIfTI, DICOM folder or .mrc)"),
-    "embed": ("samliver.embeddings", "compute and cache SAM image embeddings for a volume"),
-    "segment": ("samliver.prompt_based_segmentation", "segment one slice from a box or points"),
-    "zero-shot": ("samliver.zero_shot", "evaluate prompted SAM with simulated prompts"),
-    "train": ("samliver.training", "train a prompt-free head on cached embeddings"),
-    "experiment": ("samliver.experiment", "label-efficiency experiment: heads vs baselines vs K"),
-    "predict": ("samliver.inference", "segment a whole volume with a trained head"),
-    "bench": ("samliver.bench", "speed and memory benchmark (prints a table)"),
-    "demo": ("samliver.demo", "the main job on the sample case"),
+    "fetch-sample": ("samliver.cli.fetch_sample", "download the real LiTS sample case and write it as NIfTI"),
+    "info": ("samliver.cli.info", "summarise a CT volume (NIfTI, DICOM folder or .mrc)"),
+    "embed": ("samliver.cli.embed", "compute and cache SAM image embeddings for a volume"),
+    "segment": ("samliver.cli.segment", "segment one slice from a box or points"),
+    "zero-shot": ("samliver.cli.zero_shot", "evaluate prompted SAM with simulated prompts"),
+    "train": ("samliver.cli.train", "train a prompt-free head on cached embeddings"),
+    "experiment": ("samliver.cli.experiment", "label-efficiency experiment: heads vs baselines vs K"),
+    "predict": ("samliver.cli.predict", "segment a whole volume with a trained head"),
+    "bench": ("samliver.cli.bench", "speed and memory benchmark (prints a table)"),
+    "demo": ("samliver.cli.demo", "the main job on the sample case"),
     "app": ("samliver.app", "serve the Voila front end"),
 }
 

