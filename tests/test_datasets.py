@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from samliver.download import download_file
 from samliver.datasets import (
     Case,
-    download_file,
     download_msd_liver,
     index_dataset,
     index_lits,

@@ -5,12 +5,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from samliver.cli.info import main
 from samliver.io import (
     CTVolume,
     count_lesions,
     list_dicom_series,
     load_volume,
-    main,
     save_label_nifti,
     save_volume_nifti,
     summarise_volume,

@@ -129,7 +129,7 @@ def test_device_order_cuda_mps_cpu_and_override(tiny, monkeypatch):
 
 
 def test_sam_models_need_a_checkpoint():
-    with pytest.raises(SamliverError, match=r"No checkpoint for sam_vit_b.*download_checkpoints.py sam_vit_b"):
+    with pytest.raises(SamliverError, match=r"No checkpoint for sam_vit_b.*samliver download-checkpoint sam_vit_b"):
         get_model("sam_vit_b", device="cpu")
     with pytest.raises(SamliverError, match="does not exist"):
         get_model("medsam_vit_b", checkpoint="/nonexistent/medsam.pth", device="cpu")

@@ -17,6 +17,7 @@ from ..util import SamliverError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch-sample": ("samliver.cli.fetch_sample", "download the real LiTS sample case and write it as NIfTI"),
+    "download-checkpoint": ("samliver.cli.download_checkpoint", "download and verify official SAM / MedSAM checkpoints"),
     "info": ("samliver.cli.info", "summarise a CT volume (NIfTI, DICOM folder or .mrc)"),
     "embed": ("samliver.cli.embed", "compute and cache SAM image embeddings for a volume"),
     "segment": ("samliver.cli.segment", "segment one slice from a box or points"),
