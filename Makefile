@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.samliver-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench browser-deps clean
+.PHONY: setup demo test lint bench browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ demo: setup
 	$(BIN)/samliver fetch-sample
 	$(BIN)/samliver demo
 
-test: setup browser-deps
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle, import order, bugbear.
+lint: setup
+	$(BIN)/ruff check samliver tests data_scripts
+
+test: setup browser-deps lint
 	$(BIN)/samliver fetch-sample
 	SAMLIVER_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax $(PYTEST_ARGS)
 

@@ -37,12 +37,15 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .config import DEFAULT_WINDOW
 from .util import SamliverError, atomic_write_text, cache_dir, sha256_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import SamModel
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -180,7 +183,7 @@ def resolve(backend: str | None, precision: str | None, device: str) -> tuple[st
 # the export cache
 
 
-def _export_key(model: Any, fmt: str, precision: str, extra: dict | None = None) -> dict:
+def _export_key(model: SamModel, fmt: str, precision: str, extra: dict | None = None) -> dict:
     key = {
         "export_format": EXPORT_FORMAT,
         "model": model.name,
@@ -193,12 +196,12 @@ def _export_key(model: Any, fmt: str, precision: str, extra: dict | None = None)
     return key
 
 
-def export_dir(model: Any) -> Path:
+def export_dir(model: SamModel) -> Path:
     """``$SAMLIVER_HOME/backends/<model>/<weights sha[:16]>``: where a model's exports live."""
     return cache_dir("backends", model.name, model.weights_id[:16])
 
 
-def _cached_export(model: Any, name: str, key: dict, build: Callable[[Path], list[str]]) -> Path:
+def _cached_export(model: SamModel, name: str, key: dict, build: Callable[[Path], list[str]]) -> Path:
     """The folder ``export_dir(model)/name`` holding a verified export; built with ``build`` if needed.
 
     ``build(tmp_folder)`` writes the files and returns their names; the folder is renamed into
@@ -232,13 +235,13 @@ def _cached_export(model: Any, name: str, key: dict, build: Callable[[Path], lis
     return folder
 
 
-def _example_input(model: Any):
+def _example_input(model: SamModel):
     import torch
 
     return torch.zeros(1, 3, model.image_size, model.image_size)
 
 
-def export_onnx(model: Any) -> Path:
+def export_onnx(model: SamModel) -> Path:
     """The encoder as ONNX (batch 1, fp32), exported once per model and weights.
 
     Returns:
@@ -258,7 +261,7 @@ def export_onnx(model: Any) -> Path:
     return _cached_export(model, "encoder-onnx", _export_key(model, "onnx", "fp32"), build) / "encoder.onnx"
 
 
-def _openvino_fp32_ir(model: Any) -> Path:
+def _openvino_fp32_ir(model: SamModel) -> Path:
     import openvino as ov
     import torch
 
@@ -273,7 +276,7 @@ def _openvino_fp32_ir(model: Any) -> Path:
     return _cached_export(model, "encoder-openvino-fp32", _export_key(model, "openvino-ir", "fp32"), build) / "encoder.xml"
 
 
-def calibration_batches(model: Any, n: int = CALIBRATION_SLICES) -> list[np.ndarray]:
+def calibration_batches(model: SamModel, n: int = CALIBRATION_SLICES) -> list[np.ndarray]:
     """``n`` real CT slices (the bundled LiTS sample, spread over the liver), prepared for ``model``.
 
     Returns:
@@ -291,7 +294,7 @@ def calibration_batches(model: Any, n: int = CALIBRATION_SLICES) -> list[np.ndar
     return [model.prepare(window_to_unit(volume.hu[int(z)], WINDOWS[DEFAULT_WINDOW]))[None].numpy() for z in zs]
 
 
-def _openvino_int8_ir(model: Any) -> Path:
+def _openvino_int8_ir(model: SamModel) -> Path:
     import openvino as ov
 
     def build(tmp: Path) -> list[str]:
@@ -319,7 +322,7 @@ def _openvino_int8_ir(model: Any) -> Path:
 class TorchEncoder:
     """The encoder in eager torch; bf16/fp16 through autocast."""
 
-    def __init__(self, model: Any, precision: str) -> None:
+    def __init__(self, model: SamModel, precision: str) -> None:
         import torch
 
         self.module = model.image_encoder
@@ -344,7 +347,7 @@ class TorchEncoder:
 class OnnxRuntimeEncoder:
     """The exported encoder in an ONNX Runtime CPU session (fp32)."""
 
-    def __init__(self, model: Any, threads: int | None) -> None:
+    def __init__(self, model: SamModel, threads: int | None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -362,7 +365,7 @@ class OnnxRuntimeEncoder:
 class OpenVINOEncoder:
     """The exported encoder compiled by OpenVINO for the CPU, at fp32 (explicit hint), bf16 or int8."""
 
-    def __init__(self, model: Any, precision: str, threads: int | None) -> None:
+    def __init__(self, model: SamModel, precision: str, threads: int | None) -> None:
         import openvino as ov
 
         path = _openvino_int8_ir(model) if precision == "int8" else _openvino_fp32_ir(model)
@@ -388,7 +391,7 @@ class OpenVINOEncoder:
         return torch.cat(out)
 
 
-def build_runner(model: Any, backend: str, precision: str, threads: int | None = None):
+def build_runner(model: SamModel, backend: str, precision: str, threads: int | None = None):
     """The callable that encodes a batch for ``model`` on ``backend`` at ``precision``.
 
     Args:

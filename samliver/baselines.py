@@ -13,17 +13,20 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .evaluation import label_dice
 from .config import DEFAULT_WINDOW
+from .evaluation import label_dice
 from .losses import seg_loss
 from .util import SamliverError, get_device, torch_threads
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .io import CTVolume
 
 
 def _block(i: int, o: int) -> nn.Sequential:
@@ -212,7 +215,7 @@ def _pretrain_simclr(images: np.ndarray, *, steps: int, batch_size: int, tempera
 
 
 
-def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[int], *,
+def run_unet_baseline(volume: CTVolume, train_slices: list[int], test_slices: list[int], *,
                       ssl: bool = False, steps: int = 300, ssl_steps: int = 150, seed: int = 0,
                       window: str = DEFAULT_WINDOW, device: str | None = None,
                       unlabelled_slices: list[int] | None = None,
@@ -247,15 +250,3 @@ def run_unet_baseline(volume: Any, train_slices: list[int], test_slices: list[in
         pred = postprocess(pred)
     gt = volume.label[test_slices]
     return {"method": "ssl" if ssl else "unet", **label_dice(pred, gt), "pred": pred}
-
-
-def run_zero_shot(volume: Any, model: Any, test_slices: list[int], modes: list[str] | None = None
-                  ) -> list[dict]:
-    """Zero-shot prompted SAM on ``test_slices`` (the engine's ``evaluate_zero_shot``).
-
-    Default modes: ``zero_shot.BASELINE_MODES`` (liver box, lesion boxes, 3D propagation).
-    """
-    from .zero_shot import BASELINE_MODES, evaluate_zero_shot
-
-    return evaluate_zero_shot(volume, model, list(test_slices), modes=modes or BASELINE_MODES,
-                              progress=False)

@@ -33,12 +33,15 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import DEFAULT_MODEL, DEFAULT_WINDOW
 from .util import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import VolumeEmbeddings
 
 
 def _timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -57,7 +60,7 @@ def _load(spec: str):
         from .phantom import make_phantom
 
         return make_phantom((16, 96, 96), n_lesions=2, seed=0)
-    from .io import load_volume_arg
+    from .sample import load_volume_arg
 
     return load_volume_arg(spec)
 
@@ -336,7 +339,7 @@ def run_bench(
         ref_masks = _masks(model, ref, volume, acc_zs)
         bare_s = statistics.median(timings["bare"])
         fastest = None
-        for name, backend, precision, fn, note in candidates[:1] + [runnable[1]] + candidates[1:]:
+        for name, _backend, precision, fn, note in candidates[:1] + [runnable[1]] + candidates[1:]:
             if not callable(fn):
                 add(f"backend_{name}_s_per_slice", None, "s/slice", f"{type(fn).__name__}: {str(fn)[:100]}")
                 continue
@@ -440,7 +443,7 @@ def write_json(rows: list[dict], path: str | os.PathLike) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def time_demo_recipe(config: Any = None, *, embeddings: Any = None) -> dict:
+def time_demo_recipe(config: Any = None, *, embeddings: VolumeEmbeddings | None = None) -> dict:
     """Train the demo's head on the sample's demo split and score it, timed (for benchmarks).
 
     ``config`` defaults to the demo recipe (``training.recipe("default")``). The sample and the
@@ -460,9 +463,9 @@ def time_demo_recipe(config: Any = None, *, embeddings: Any = None) -> dict:
     from .inference import predict_volume
     from .models import get_model
     from .postprocess import postprocess
+    from .sample import fetch_sample, load_sample
     from .training import recipe, train_head
     from .training_data import slice_tensors
-    from .sample import fetch_sample, load_sample
 
     fetch_sample()
     volume = load_sample()

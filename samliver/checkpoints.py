@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,10 +18,14 @@ from .config import DEFAULT_WINDOW
 from .heads import build_head
 from .util import SamliverError, atomic_path, get_device
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import VolumeEmbeddings
+    from .models import SamModel
+
 CHECKPOINT_FORMAT = "samliver-head-1"
 
 
-def model_info(model: Any, embeddings: Any = None, *, window: Any = None) -> dict:
+def model_info(model: SamModel, embeddings: VolumeEmbeddings | None = None, *, window: Any = None) -> dict:
     """The encoder identity a checkpoint records: model name, weights id and HU window.
 
     Args:
@@ -81,7 +85,7 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def check_compatible(ckpt: dict, *, model: Any = None, embedding_shape: tuple | None = None,
+def check_compatible(ckpt: dict, *, model: SamModel | None = None, embedding_shape: tuple | None = None,
                      source: str = "checkpoint") -> None:
     """Raise ``SamliverError`` if a checkpoint was trained for another model / embedding shape."""
     if model is not None:
@@ -115,7 +119,7 @@ def head_options(ckpt: dict) -> dict:
     return opts
 
 
-def load_head(path: str | Path, model: Any = None, *, device: str | None = None,
+def load_head(path: str | Path, model: SamModel | None = None, *, device: str | None = None,
               embedding_shape: tuple | None = None) -> torch.nn.Module:
     """Load a trained head; refuses a checkpoint made for another model or embedding shape."""
     ckpt = read_checkpoint(path)
@@ -137,7 +141,7 @@ def load_head(path: str | Path, model: Any = None, *, device: str | None = None,
     return head.to(get_device(device)).eval()
 
 
-def load_head_checked(path: str | Path, model: Any, device: str | None = None) -> Any:
+def load_head_checked(path: str | Path, model: SamModel, device: str | None = None) -> Any:
     """:func:`load_head`, with a damaged checkpoint as a one-line error.
 
     A checkpoint whose weights do not fit its declared head kind (edited, or mixed up) makes

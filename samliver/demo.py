@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .evaluation import label_dice
 from .config import DEFAULT_K, DEFAULT_MODEL, RECIPES
+from .evaluation import label_dice
 from .util import atomic_write_text, fast_mode
 
 
@@ -167,8 +167,8 @@ def step_train_head(ctx: DemoContext) -> None:
 
     from .checkpoints import load_head, model_info
     from .training import recipe, train_head
-    from .visualization import save_figure, training_curves_figure
     from .training_data import slice_tensors
+    from .visualization import save_figure, training_curves_figure
 
     model, emb = ctx.results["model"], ctx.results["embeddings"]
     train = ctx.results["split"]["train"]
@@ -195,8 +195,8 @@ def step_predict(ctx: DemoContext) -> None:
     import numpy as np
 
     from .inference import predict_volume
-    from .postprocess import postprocess
     from .io import save_label_nifti
+    from .postprocess import postprocess
 
     test = ctx.results["split"]["test"]
     raw = predict_volume(ctx.volume, ctx.results["model"], ctx.results["head"],

@@ -15,22 +15,28 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import HEAD_KINDS, UNET_STEPS
 from .checkpoints import model_info
+from .config import HEAD_KINDS, UNET_STEPS
 from .evaluation import label_dice
 from .training import TrainConfig, recipe, train_head
-from .training_data import slice_tensors, training_tensors
 from .training import self_train as self_train_head
+from .training_data import slice_tensors, training_tensors
 from .util import SamliverError, atomic_write_text, fast_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import VolumeEmbeddings
+    from .heads import Head
+    from .io import CTVolume
+    from .models import SamModel
 
 BASELINES = ("unet", "ssl", "zeroshot")
 
 
-def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[int],
+def run_head(volume: CTVolume, embeddings: VolumeEmbeddings, model: SamModel, kind: str, train: list[int],
              test: list[int], *, seed: int = 0, steps: int | None = None,
              postprocess_pred: bool = True, progress: bool = False,
              config: TrainConfig | None = None, views: int = 0, self_train: int = 0) -> dict:
@@ -51,18 +57,18 @@ def run_head(volume: Any, embeddings: Any, model: Any, kind: str, train: list[in
     res = train_head(emb, labels, images=images, **kwargs)
     out: dict = {}
     if self_train:
-        out["round0"] = _predictlabel_dice(volume, model, res.head, embeddings, test, postprocess_pred)
+        out["round0"] = _predict_and_score(volume, model, res.head, embeddings, test, postprocess_pred)
         out["round0"]["seconds"] = round(time.time() - t0, 1)
         unl = [z for z in getattr(embeddings, "slices", test) if z not in set(train)]
         u_emb, _, u_img = slice_tensors(volume, embeddings, unl, need_label=False)
         res = self_train_head(emb, labels, (u_emb, u_img), images=images, rounds=self_train,
                               first=res, **kwargs)
-    out.update(_predictlabel_dice(volume, model, res.head, embeddings, test, postprocess_pred))
+    out.update(_predict_and_score(volume, model, res.head, embeddings, test, postprocess_pred))
     out.update(seconds=round(time.time() - t0, 1), head=res.head, history=res.history)
     return out
 
 
-def _predictlabel_dice(volume: Any, model: Any, head: Any, embeddings: Any, test: list[int],
+def _predict_and_score(volume: CTVolume, model: SamModel, head: Head, embeddings: VolumeEmbeddings, test: list[int],
                     postprocess_pred: bool = True) -> dict:
     """Predict ``test`` slices with ``head``; their scores and the prediction (``pred``)."""
     from .inference import predict_probabilities
@@ -76,7 +82,7 @@ def _predictlabel_dice(volume: Any, model: Any, head: Any, embeddings: Any, test
     return {**label_dice(pred, volume.label[test]), "pred": pred}
 
 
-def _check_split(volume: Any, train: list[int], test: list[int], k: int | None) -> None:
+def _check_split(volume: CTVolume, train: list[int], test: list[int], k: int | None) -> None:
     n = volume.hu.shape[0]
     bad = [z for z in list(train) + list(test) if not 0 <= z < n]
     if bad:
@@ -89,7 +95,7 @@ def _check_split(volume: Any, train: list[int], test: list[int], k: int | None) 
         raise SamliverError("Training and test slices overlap: choose disjoint slices.")
 
 
-def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: list[int],
+def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, *, protocol: str, ks: list[int],
                heads: list[str], baselines: list[str], seeds: list[int],
                train_slices: list[int] | None = None, test_slices: list[int] | None = None,
                steps: int | None = None, progress: bool = True,
@@ -102,7 +108,8 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
     ``self_train`` (default 0) pseudo-label rounds for the heads: each head run then gives two
     records, the head (``cnn``) and the same head after self-training (``cnn+st``).
     """
-    from .baselines import run_unet_baseline, run_zero_shot
+    from .baselines import run_unet_baseline
+    from .zero_shot import BASELINE_MODES, evaluate_zero_shot
 
     records: list[dict] = []
     splits: list[tuple[int, list[int], list[int]]] = []
@@ -149,7 +156,7 @@ def run_slices(volume: Any, model: Any, embeddings: Any, *, protocol: str, ks: l
                 log.flush()
     if "zeroshot" in baselines:
         test = splits[0][2]
-        rows = run_zero_shot(volume, model, test)
+        rows = evaluate_zero_shot(volume, model, list(test), modes=BASELINE_MODES, progress=False)
         for row in rows:
             records.append({"method": f"zeroshot:{row.get('mode', 'box')}", "protocol": protocol,
                             "k": 0, "seed": 0,
@@ -176,7 +183,7 @@ def dataset_cases(root: str | Path) -> list:
     return cases
 
 
-def run_dataset(root: str | Path, model: Any, *, ks: list[int], heads: list[str],
+def run_dataset(root: str | Path, model: SamModel, *, ks: list[int], heads: list[str],
                 seeds: list[int], n_test: int | None = None, slices_per_volume: int = 32,
                 steps: int | None = None, progress: bool = True) -> list[dict]:
     """Split by volume: K labelled volumes (liver slices, subsampled) -> held-out test volumes."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from torch.nn import functional as F
 from .config import HEAD_KINDS
 from .util import SamliverError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import SamModel
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -128,14 +130,53 @@ class _UpPath(nn.Module):
         return _resize(x, self.out_size)
 
 
-class LinearHead(nn.Module):
+class Head(nn.Module):
+    """Base class of the prompt-free heads: what every head is and says about itself.
+
+    Attributes:
+        kind: ``"linear"``, ``"cnn"``, ``"vit"`` or ``"autosam"`` (a class attribute).
+        embed_dim: embedding channels it reads (256 for SAM and LiteMedSAM).
+        embed_hw: side of the embedding grid (64).
+        n_classes: output classes (3: background, liver, tumour).
+        out_size: side of the output logits, the model-input frame (256 LiteMedSAM, 1024 SAM).
+        uses_image: whether ``forward`` needs the windowed slice image.
+        options: constructor options a checkpoint stores to rebuild the head (set by
+            :func:`build_head`).
+        checkpoint_info: what the checkpoint it was loaded from records (model, window,
+            config, history), or None for a head that was not loaded.
+    """
+
+    kind: str = ""
+
+    def __init__(self, embed_dim: int, n_classes: int, out_size: int, embed_hw: int = 64,
+                 uses_image: bool = False) -> None:
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self.n_classes = int(n_classes)
+        self.out_size = int(out_size)
+        self.embed_hw = int(embed_hw)
+        self.uses_image = bool(uses_image)
+        self.options: dict = {}
+        self.checkpoint_info: dict | None = None
+
+    def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits ``(B, n_classes, out_size, out_size)`` for embeddings ``(B, C, h, w)``.
+
+        Args:
+            emb: a batch of frozen-encoder embeddings.
+            image: ``(B, 1, S, S)`` windowed slices in [0, 1], for heads with ``uses_image``.
+        """
+        raise NotImplementedError
+
+
+class LinearHead(Head):
     """1x1 conv on the embedding; logits upsampled bilinearly to ``out_size``."""
 
-    uses_image = False
+    kind = "linear"
 
-    def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256) -> None:
-        super().__init__()
-        self.out_size = out_size
+    def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
+                 embed_hw: int = 64) -> None:
+        super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=False)
         self.conv = nn.Conv2d(embed_dim, n_classes, 1)
 
     def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,15 +184,16 @@ class LinearHead(nn.Module):
                              mode="bilinear", align_corners=False)
 
 
-class CNNHead(nn.Module):
+class CNNHead(Head):
     """Conv blocks on the embedding + transposed-conv upsampling (+ image skip)."""
+
+    kind = "cnn"
 
     def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
                  width: int = 128, depth: int = 1, use_image: bool = True,
                  dropout: float = 0.1, embed_hw: int = 64, full_res: bool = True,
                  refine_size: int | None = None) -> None:
-        super().__init__()
-        self.uses_image = use_image
+        super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=use_image)
         # 1x1 reduction first: a 3x3 conv on all 256 channels is most of the cost on a CPU.
         blocks: list[nn.Module] = [nn.Dropout2d(dropout)] if dropout else []
         blocks += [nn.Conv2d(embed_dim, width, 1), _gn(width), nn.GELU()]
@@ -165,14 +207,15 @@ class CNNHead(nn.Module):
         return self.up(self.body(emb), image)
 
 
-class ViTHead(nn.Module):
+class ViTHead(Head):
     """A small transformer over 2x2-merged embedding tokens, then the cnn upsampling path."""
+
+    kind = "vit"
 
     def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
                  dim: int = 128, depth: int = 2, heads: int = 4, embed_hw: int = 64,
                  use_image: bool = True) -> None:
-        super().__init__()
-        self.uses_image = use_image
+        super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=use_image)
         # 2x2 patch merge keeps attention at 32x32 = 1024 tokens: affordable on a CPU.
         self.merge = nn.Conv2d(embed_dim, dim, 2, stride=2)
         grid = max(embed_hw // 2, 1)
@@ -212,7 +255,7 @@ def _random_sam_parts(embed_dim: int, embed_hw: int, depth: int = 2,
     return decoder, prompt
 
 
-class AutoSAMHead(nn.Module):
+class AutoSAMHead(Head):
     """SAM's mask decoder without prompts: one learned mask token + hypernetwork per class.
 
     The transformer, upscaling path and the 'no mask' dense embedding come from the
@@ -223,13 +266,13 @@ class AutoSAMHead(nn.Module):
     ``decoder_depth`` / ``decoder_mlp_dim`` shape the random decoder (default SAM's: 2, 8x).
     """
 
+    kind = "autosam"
+
     def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
-                 model: Any = None, embed_hw: int = 64, use_image: bool = True,
+                 model: SamModel | None = None, embed_hw: int = 64, use_image: bool = True,
                  train_parts: str = "all", decoder_depth: int = 2,
                  decoder_mlp_dim: int | None = None) -> None:
-        super().__init__()
-        self.uses_image = use_image
-        self.out_size = out_size
+        super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=use_image)
         if model is not None:
             decoder = copy.deepcopy(model.mask_decoder).float()
             prompt = model.prompt_encoder
@@ -299,8 +342,8 @@ class AutoSAMHead(nn.Module):
         return logits
 
 
-def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: Any = None,
-               **options: Any) -> nn.Module:
+def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: SamModel | None = None,
+               **options: Any) -> Head:
     """Build a head of ``kind`` (linear | cnn | vit | autosam).
 
     ``model`` (a ``samliver.models.SamModel``) sets the embedding size, grid and output frame
@@ -320,7 +363,7 @@ def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: Any =
         out_size = int(getattr(model, "image_size", out_size))
     if kind == "linear":
         options.pop("use_image", None)
-        head: nn.Module = LinearHead(embed_dim, n_classes, out_size, **options)
+        head: Head = LinearHead(embed_dim, n_classes, out_size, embed_hw=embed_hw, **options)
     elif kind == "cnn":
         head = CNNHead(embed_dim, n_classes, out_size, embed_hw=embed_hw, **options)
     elif kind == "vit":
@@ -330,12 +373,8 @@ def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: Any =
             raise SamliverError(f"autosam needs embed_dim divisible by 8, got {embed_dim}.")
         head = AutoSAMHead(embed_dim, n_classes, out_size, model=model, embed_hw=embed_hw,
                            **options)
-    head.kind = kind
+    # What a checkpoint stores to rebuild the head (the grid only when no model fixes it).
     head.options = dict(options, embed_hw=embed_hw) if model is None else dict(options)
-    head.n_classes = n_classes
-    head.embed_dim = embed_dim
-    head.embed_hw = embed_hw
-    head.out_size = out_size
     return head
 
 

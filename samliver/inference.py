@@ -8,7 +8,7 @@ components) and measures volumes in mL when the voxel spacing is known, else in 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +16,14 @@ from .config import DEFAULT_WINDOW
 from .postprocess import MIN_LESION_VOXELS, postprocess
 from .util import SamliverError
 
-def predict_probabilities(volume: Any, model: Any, head: Any, *, embeddings: Any = None,
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import VolumeEmbeddings
+    from .heads import Head
+    from .io import CTVolume
+    from .models import SamModel
+
+
+def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embeddings: VolumeEmbeddings | None = None,
                           slices: list[int] | None = None, batch_size: int = 8,
                           progress: bool = True, tta: bool = False) -> tuple[list[int], np.ndarray]:
     """Per-slice class probabilities in the original geometry: ``(zs, probs (N,C,H,W) float32)``."""
@@ -42,7 +49,7 @@ def predict_probabilities(volume: Any, model: Any, head: Any, *, embeddings: Any
     return zs, np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def predict_volume(volume: Any, model: Any, head: Any, *, embeddings: Any = None,
+def predict_volume(volume: CTVolume, model: SamModel, head: Head, *, embeddings: VolumeEmbeddings | None = None,
                    slices: list[int] | None = None, postprocess_label: bool = True,
                    batch_size: int = 8, progress: bool = True, tta: bool = False,
                    min_lesion_size: int | None = None) -> np.ndarray:

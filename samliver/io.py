@@ -487,32 +487,6 @@ def load_volume(
     return CTVolume(hu=hu, spacing=spacing, affine=affine, label=label, source=str(path), meta=meta)
 
 
-SERIES_UID_HELP = "DICOM SeriesInstanceUID when the folder holds several (or pass one .dcm file)"
-
-
-def load_volume_arg(path: str | os.PathLike | None, label: str | os.PathLike | None = None, *,
-                    series_uid: str | None = None) -> CTVolume:
-    """The one resolver for every command's VOLUME argument.
-
-    Args:
-        path: ``"sample"`` or None (the bundled LiTS case with its label), a NIfTI file, a
-            DICOM folder (or one ``.dcm`` file: its series) or an ``.mrc`` file.
-        label: optional label file for ``path`` (not with the sample, which has its own).
-        series_uid: the DICOM series to read when the folder holds several.
-
-    Returns:
-        The loaded :class:`CTVolume`.
-    """
-    if path is None or str(path) == "sample":
-        if label is not None or series_uid is not None:
-            raise SamliverError("The sample case has its own label and no DICOM series: drop "
-                                "--label / --series-uid, or give a volume path.")
-        from .sample import load_sample
-
-        return load_sample()
-    return load_volume(path, label, series_uid=series_uid)
-
-
 def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.PathLike) -> Path:
     """Write a ``(z, y, x)`` label as uint8 NIfTI in ``volume``'s source geometry (atomically).
 

@@ -20,7 +20,6 @@ import numpy as np
 from .config import DEFAULT_WINDOW
 from .util import SamliverError, torch_threads
 
-
 DECODERS = ("auto", "shared", "reference")
 
 

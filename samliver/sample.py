@@ -10,6 +10,7 @@ installed), checks the SHA-256 of both files and writes NIfTI image + label to t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -162,3 +163,29 @@ def load_sample() -> "CTVolume":
         raise SamliverError(f"{err} Repair the sample with `samliver fetch-sample --force`.") from err
     vol.meta["case_id"] = info["case_id"]
     return vol
+
+
+SERIES_UID_HELP = "DICOM SeriesInstanceUID when the folder holds several (or pass one .dcm file)"
+
+
+def load_volume_arg(path: str | os.PathLike | None, label: str | os.PathLike | None = None, *,
+                    series_uid: str | None = None) -> "CTVolume":
+    """The one resolver for every command's VOLUME argument.
+
+    Args:
+        path: ``"sample"`` or None (the bundled LiTS case with its label), a NIfTI file, a
+            DICOM folder (or one ``.dcm`` file: its series) or an ``.mrc`` file.
+        label: optional label file for ``path`` (not with the sample, which has its own).
+        series_uid: the DICOM series to read when the folder holds several.
+
+    Returns:
+        The loaded :class:`CTVolume`.
+    """
+    if path is None or str(path) == "sample":
+        if label is not None or series_uid is not None:
+            raise SamliverError("The sample case has its own label and no DICOM series: drop "
+                                "--label / --series-uid, or give a volume path.")
+        return load_sample()
+    from .io import load_volume
+
+    return load_volume(path, label, series_uid=series_uid)

@@ -21,14 +21,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .config import DEFAULT_LR, RECIPES
 from .checkpoints import check_compatible, head_options, read_checkpoint, save_checkpoint
 from .checkpoints import model_info as describe_model
+from .config import DEFAULT_LR, RECIPES
 from .evaluation import dice
 from .heads import build_head, predict_logits
 from .losses import IGNORE, seg_loss
@@ -36,6 +36,8 @@ from .postprocess import postprocess
 from .training_data import augment_batch
 from .util import SamliverError, fast_mode, get_device, torch_threads
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import SamModel
 
 
 @dataclass
@@ -142,7 +144,7 @@ def _autocast(bf16: bool | None, device: str) -> Any:
 
 
 def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None = None,
-               config: TrainConfig | None = None, model: Any = None,
+               config: TrainConfig | None = None, model: SamModel | None = None,
                model_info: dict | None = None, checkpoint: str | Path | None = None,
                resume: str | Path | None = None, progress: bool = True,
                curves_path: str | Path | None = None,
@@ -162,7 +164,7 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
 
 
 def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None,
-                config: TrainConfig | None, model: Any, model_info: dict | None,
+                config: TrainConfig | None, model: SamModel, model_info: dict | None,
                 checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
                 curves_path: str | Path | None, val_data: tuple | None) -> TrainResult:
     config = copy.deepcopy(config or TrainConfig())

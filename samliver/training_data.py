@@ -8,7 +8,7 @@ copies of the labelled slices (augmentations a frozen encoder has to see);
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,8 +16,13 @@ import torch
 from .config import DEFAULT_WINDOW
 from .util import SamliverError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import VolumeEmbeddings
+    from .io import CTVolume
+    from .models import SamModel
 
-def slice_tensors(volume: Any, embeddings: Any, slices: list[int], *, window: str | None = None,
+
+def slice_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[int], *, window: str | None = None,
                   need_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Embeddings, labels and images of ``slices`` in the model-input frame.
 
@@ -39,7 +44,7 @@ def slice_tensors(volume: Any, embeddings: Any, slices: list[int], *, window: st
     return emb, labels, images.astype(np.float32)
 
 
-def augmented_views(volume: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
+def augmented_views(volume: CTVolume, slices: list[int], *, n_views: int = 2, seed: int = 0,
                     max_rotate: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
                     max_shift: float = 0.05, hu_scale: tuple[float, float] = (0.9, 1.1),
                     hu_shift: float = 20.0) -> Any:
@@ -78,7 +83,7 @@ def augmented_views(volume: Any, slices: list[int], *, n_views: int = 2, seed: i
                     source=f"{getattr(volume, 'source', 'volume')} (augmented views, seed {seed})")
 
 
-def view_tensors(volume: Any, model: Any, slices: list[int], *, n_views: int = 2, seed: int = 0,
+def view_tensors(volume: CTVolume, model: SamModel, slices: list[int], *, n_views: int = 2, seed: int = 0,
                  window: str = DEFAULT_WINDOW, progress: bool = False) -> tuple:
     """Embeddings, labels and images of ``augmented_views`` (encoded once, then from the cache).
 
@@ -92,7 +97,7 @@ def view_tensors(volume: Any, model: Any, slices: list[int], *, n_views: int = 2
     return slice_tensors(views, embs, list(range(views.hu.shape[0])), window=window)
 
 
-def training_tensors(volume: Any, embeddings: Any, slices: list[int], *, model: Any = None,
+def training_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[int], *, model: SamModel | None = None,
                      views: int = 0, seed: int = 0, progress: bool = False) -> tuple:
     """``slice_tensors`` of the labelled ``slices`` followed by ``views`` cached augmented views
     of each (default 0; needs ``model`` to encode them)."""

@@ -19,7 +19,7 @@ prediction. Scores that a mode does not produce are ``None``.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +27,11 @@ from scipy import ndimage
 from .config import DEFAULT_WINDOW
 from .evaluation import dice
 from .util import SamliverError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import VolumeEmbeddings
+    from .io import CTVolume
+    from .models import SamModel
 
 MODES = ("liver_box", "lesion_boxes", "lesion_points", "corrective_clicks", "propagation_3d")
 # The modes used as the baseline against the heads (demo, experiment): what a user gives with
@@ -143,11 +148,11 @@ def _propagation(predictor, emb, volume, slices, gt, jitter, rng):
 
 
 def evaluate_zero_shot(
-    volume: Any,
-    model: Any,
+    volume: CTVolume,
+    model: SamModel,
     slices,
     modes=None,
-    embeddings: Any = None,
+    embeddings: VolumeEmbeddings | None = None,
     progress: bool = True,
     *,
     window: str = DEFAULT_WINDOW,

@@ -85,8 +85,8 @@ def ct(tmp_path):
 
 @pytest.fixture()
 def head(tmp_path, tiny):
-    from samliver.heads import build_head
     from samliver.checkpoints import save_checkpoint
+    from samliver.heads import build_head
     from samliver.training import TrainConfig
 
     return save_checkpoint(tmp_path / "head.pt", build_head("cnn", model=tiny), config=TrainConfig(kind="cnn"),
@@ -355,8 +355,8 @@ def _foreign(tmp_path, head_path):
 
 
 def _other_model(tmp_path, head_path):
-    from samliver.heads import build_head
     from samliver.checkpoints import save_checkpoint
+    from samliver.heads import build_head
     from samliver.training import TrainConfig
 
     return save_checkpoint(tmp_path / "other.pt", build_head("cnn", embed_dim=64), config=TrainConfig(kind="cnn"),
@@ -664,9 +664,9 @@ def test_demo_export_keeps_the_users_labels(tmp_path, monkeypatch):
 
 def test_predict_accepts_sample_like_embed_and_segment(tmp_path, monkeypatch, capsys):
     """``predict sample`` resolves the sample case (then stops here at a head for another model)."""
-    from samliver.heads import build_head
-    from samliver.cli.predict import default_output
     from samliver.checkpoints import save_checkpoint
+    from samliver.cli.predict import default_output
+    from samliver.heads import build_head
     from samliver.training import TrainConfig
 
     monkeypatch.chdir(tmp_path)

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from samliver.cli import bench as bench_cli
 from samliver import bench
+from samliver.cli import bench as bench_cli
 
 # The names scripts read (the speed issue's contract) and the per-backend rows of the quick run.
 EXPECTED = {

@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from samliver.download import download_file
 from samliver.datasets import (
     Case,
     download_msd_liver,
@@ -23,6 +22,7 @@ from samliver.datasets import (
     select_label_slices,
     split_by_volume,
 )
+from samliver.download import download_file
 from samliver.io import save_volume_nifti
 from samliver.util import SamliverError
 

@@ -3,7 +3,6 @@ import json
 from samliver import demo
 from samliver.io import count_lesions
 
-
 STAGE1 = [demo.step_fetch, demo.step_summary, demo.step_overview]
 
 

@@ -20,7 +20,7 @@ from samliver.embeddings import (
     open_embeddings,
 )
 from samliver.models import get_model
-from samliver.util import parse_slice_spec, SamliverError
+from samliver.util import SamliverError, parse_slice_spec
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from samliver.cli import experiment as experiment_cli
 from samliver import experiment
+from samliver.cli import experiment as experiment_cli
 from samliver.io import CTVolume
 from samliver.util import SamliverError
 

@@ -64,13 +64,13 @@ def test_predict_volume_and_cli_with_tiny_model(tmp_path, monkeypatch):
     """Whole-volume prediction + `samliver predict` (tiny RANDOM model: shapes and geometry only)."""
     import nibabel as nib
 
-    from samliver.heads import build_head
+    from samliver.checkpoints import save_checkpoint
     from samliver.cli.predict import main
+    from samliver.heads import build_head
     from samliver.inference import predict_volume
     from samliver.io import load_volume, save_volume_nifti
     from samliver.models import get_model
     from samliver.phantom import make_phantom
-    from samliver.checkpoints import save_checkpoint
     from samliver.training import TrainConfig
     from samliver.util import SamliverError
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +40,19 @@ def test_cli_commands_point_at_modules_with_main():
         path = ROOT / (module.replace(".", "/") + ".py")
         assert path.exists(), f"command {name} -> missing {path}"
         assert re.search(r"^def main\(", path.read_text(), re.M), f"{path} has no main()"
+
+
+def test_public_api_resolves_every_name_lazily():
+    """``import samliver as sl`` gives the notebook names; importing it does not load torch."""
+    import subprocess
+    import sys
+
+    import samliver as sl
+
+    for name in sl.__all__:
+        assert getattr(sl, name) is not None, name
+    assert sl.get_model.__module__ == "samliver.models" and isinstance(sl.build_head("linear"), sl.Head)
+    with pytest.raises(AttributeError):
+        sl.not_a_name  # noqa: B018
+    code = "import sys, samliver; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

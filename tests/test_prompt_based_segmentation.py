@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from samliver.cli.segment import main as segment_main
 from samliver.embeddings import embed_volume
 from samliver.models import get_model
 from samliver.prompt_based_segmentation import Predictor
-from samliver.cli.segment import main as segment_main
 from samliver.util import SamliverError
 
 

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from samliver.prompts import (box_from_mask, centre_point, corrective_click, lesion_boxes,
-                              lesion_components, random_points)
+from samliver.prompts import box_from_mask, centre_point, corrective_click, lesion_boxes, lesion_components, random_points
 from samliver.util import SamliverError
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from samliver.cli import fetch_sample as fetch_sample_cli
 from samliver import sample
+from samliver.cli import fetch_sample as fetch_sample_cli
 from samliver.util import SamliverError
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from samliver.cli import train as train_cli
 from samliver import training, training_data
 from samliver.checkpoints import load_head
+from samliver.cli import train as train_cli
 from samliver.heads import predict_logits
 from samliver.losses import IGNORE, seg_loss
 from samliver.training import TrainConfig, train_head
@@ -95,8 +95,8 @@ def test_old_cnn_checkpoint_without_full_res_block_loads(tmp_path):
     """Checkpoints from before full_res became the default (no option, no weights) still load."""
     import torch
 
-    from samliver.heads import build_head
     from samliver.checkpoints import save_checkpoint
+    from samliver.heads import build_head
 
     old = build_head("cnn", embed_dim=16, out_size=64, embed_hw=16, full_res=False)
     path = save_checkpoint(tmp_path / "old.pt", old, config=TrainConfig(kind="cnn"))

@@ -2,13 +2,12 @@
 
 import json
 
-import numpy as np
 import pytest
 
+from samliver.cli.zero_shot import main as zero_shot_main
 from samliver.models import get_model
 from samliver.util import SamliverError
 from samliver.zero_shot import MODES, evaluate_zero_shot, format_table
-from samliver.cli.zero_shot import main as zero_shot_main
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..config import DEFAULT_MODEL, DEFAULT_WINDOW
-from ..io import SERIES_UID_HELP
 from ..models import MODEL_NAMES
+from ..sample import SERIES_UID_HELP
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..io import CTVolume
@@ -36,7 +36,7 @@ def add_volume(parser: argparse.ArgumentParser, *, optional: bool = False, label
 
 def load_volume(args: argparse.Namespace) -> "CTVolume":
     """The volume named by :func:`add_volume`'s options (series UID and label included)."""
-    from ..io import load_volume_arg
+    from ..sample import load_volume_arg
 
     return load_volume_arg(args.volume, getattr(args, "label", None), series_uid=args.series_uid)
 
