@@ -32,7 +32,7 @@ _API: dict[str, str] = {
     "protocol_split": "datasets",
     # defaults and errors
     "DEFAULT_MODEL": "config", "DEFAULT_WINDOW": "config", "HEAD_KINDS": "config",
-    "SamliverError": "util",
+    "SamliverError": "util", "notebook_setup": "util",
     # model
     "SamModel": "models", "get_model": "models",
     "VolumeEmbeddings": "embeddings", "embed_volume": "embeddings",
@@ -91,7 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .sample import fetch_sample, load_sample, load_volume_arg
     from .training import TrainConfig, recipe, train_head
     from .training_data import slice_tensors
-    from .util import SamliverError
+    from .util import SamliverError, notebook_setup
     from .visualization import overview_figure, save_figure
     from .widgets import SegmentWidget, SliceBrowser, browse, segment
     from .zero_shot import evaluate_zero_shot

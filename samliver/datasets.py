@@ -18,7 +18,7 @@ from .download import download_file
 from .util import SamliverError, atomic_write_text
 
 # ----------------------------------------------------------------------------------------
-# splits by slice (the sample protocols, DESIGN.md)
+# splits by slice (the sample protocols: config.PROTOCOLS, docs/design.md)
 # ----------------------------------------------------------------------------------------
 PROTOCOLS = ("sparse", "slab")
 _REF_DEPTH = 128  # the protocols are defined on the 128-slice sample and scaled to other depths

@@ -1,6 +1,6 @@
 """Label-efficiency experiment: prompt-free heads vs UNet / SimCLR-UNet / zero-shot SAM vs K.
 
-On the sample case (default) both protocols of DESIGN.md are run (``--protocol`` picks one);
+On the sample case (default) both protocols (sparse and slab, docs/design.md) are run (``--protocol`` picks one);
 ``--train-slices`` / ``--test-slices`` run any split a user chooses (the slices someone
 actually annotated); ``--dataset`` (an MSD Task03_Liver / LiTS folder with ``imagesTr`` and
 ``labelsTr``) splits by volume: K labelled volumes, the held-out volumes for testing.

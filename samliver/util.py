@@ -265,3 +265,22 @@ def check_slices(slices, depth: int) -> list[int]:
         raise SamliverError(f"Slices {bad[:5]} are outside the volume's 0..{depth - 1}: choose slices "
                             "in that range.")
     return out
+
+
+def notebook_setup(out_dir: str | os.PathLike = "outputs") -> tuple[bool, Path]:
+    """The first cell of every tutorial notebook: fast mode, the output folder, the version.
+
+    Args:
+        out_dir: where the notebook writes its figures and files (created).
+
+    Returns:
+        ``(FAST, OUT)``: whether ``SAMLIVER_FAST=1`` shortens the run (same code path, fewer
+        slices and steps) and the output folder.
+    """
+    from . import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast = fast_mode()
+    print(f"samliver {__version__} | fast mode: {fast} | outputs: {out}/")
+    return fast, out
