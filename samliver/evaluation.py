@@ -320,6 +320,27 @@ def lesion_detection(pred_tumour: np.ndarray, gt_tumour: np.ndarray, iou_thresho
 # ----------------------------------------------------------------------------------------
 # whole volumes and aggregates
 # ----------------------------------------------------------------------------------------
+def lesion_scores(pred_label: np.ndarray, gt_label: np.ndarray, iou_threshold: float = 0.5) -> dict[str, float]:
+    """What a clinician reads beside Dice: lesion detection and the tumour-burden error.
+
+    Args:
+        pred_label: predicted labels (0 background, 1 liver, 2 tumour), a volume or a stack.
+        gt_label: reference labels, the same shape.
+        iou_threshold: a reference lesion is found when a predicted one overlaps it with IoU
+            above this (default 0.5, as LiTS scores detection).
+
+    Returns:
+        ``{"lesion_precision", "lesion_recall", "lesion_f1"}`` from :func:`lesion_detection`
+        on the tumour masks (26-connected 3D components), and ``"burden_error"``: predicted
+        minus true tumour volume over the true one (0.1 = 10 % too much; NaN without tumour).
+    """
+    p, g = np.asarray(pred_label) == 2, np.asarray(gt_label) == 2
+    det = lesion_detection(p, g, iou_threshold=iou_threshold)
+    true = int(g.sum())
+    return {"lesion_precision": det["precision"], "lesion_recall": det["recall"], "lesion_f1": det["f1"],
+            "burden_error": float((int(p.sum()) - true) / true) if true else float("nan")}
+
+
 def _class_mask(label: np.ndarray, c: int) -> np.ndarray:
     # LiTS: the liver is evaluated including its tumours.
     return label >= 1 if c == 1 else label == c

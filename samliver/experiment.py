@@ -21,7 +21,7 @@ import numpy as np
 
 from .checkpoints import model_info
 from .config import HEAD_KINDS, UNET_STEPS
-from .evaluation import label_dice
+from .evaluation import label_dice, lesion_scores
 from .training import TrainConfig, recipe, train_head
 from .training import self_train as self_train_head
 from .training_data import slice_tensors, training_tensors
@@ -147,9 +147,12 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
             out["seconds"] = round(time.time() - t0, 1)
         runs.append((method + suffix, out))
         for label, res in runs:
+            # Lesion-level figures over the test slices stacked in order (3D components).
+            lesions = lesion_scores(res["pred"], volume.label[test]) if "pred" in res else {}
             records.append({"method": label, "protocol": protocol, "k": k, "seed": seed,
                             "liver_dice": round(res["liver_dice"], 4),
                             "tumour_dice": round(res["tumour_dice"], 4),
+                            **{key: _round(v) for key, v in lesions.items()},
                             "n_test": len(test), "seconds": res["seconds"]})
             if log is not None:
                 log.write(json.dumps(records[-1]) + "\n")
@@ -242,8 +245,8 @@ def summarise(records: list[dict]) -> list[dict]:
     rows = []
     for (protocol, method, k), rs in sorted(groups.items(), key=lambda t: (t[0][0], t[0][2], t[0][1])):
         row = {"protocol": protocol, "method": method, "k": k, "n": len(rs)}
-        for key in ("liver_dice", "tumour_dice"):
-            vals = [r[key] for r in rs if r[key] is not None]
+        for key in ("liver_dice", "tumour_dice", "lesion_f1", "burden_error"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
             row[key] = float(np.mean(vals)) if vals else None
             row[key + "_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         rows.append(row)
@@ -252,8 +255,8 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def markdown_table(records: list[dict]) -> str:
     """Markdown table of mean +- sd over seeds."""
-    lines = ["| protocol | K | method | liver Dice | tumour Dice | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| protocol | K | method | liver Dice | tumour Dice | lesion F1 | burden error | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, sd):
         return "-" if v is None else (f"{v:.3f} ± {sd:.3f}" if sd else f"{v:.3f}")
@@ -261,7 +264,8 @@ def markdown_table(records: list[dict]) -> str:
     for r in summarise(records):
         lines.append(f"| {r['protocol']} | {r['k']} | {r['method']} | "
                      f"{fmt(r['liver_dice'], r['liver_dice_sd'])} | "
-                     f"{fmt(r['tumour_dice'], r['tumour_dice_sd'])} | {r['n']} |")
+                     f"{fmt(r['tumour_dice'], r['tumour_dice_sd'])} | "
+                     f"{fmt(r['lesion_f1'], r['lesion_f1_sd'])} | {fmt(r['burden_error'], r['burden_error_sd'])} | {r['n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -276,7 +280,8 @@ def write_outputs(records: list[dict], out_dir: str | Path, stem: str = "experim
     """Write CSV, Markdown and PNG; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["method", "protocol", "k", "seed", "liver_dice", "tumour_dice", "n_test", "seconds"]
+    keys = ["method", "protocol", "k", "seed", "liver_dice", "tumour_dice", "lesion_precision", "lesion_recall",
+            "lesion_f1", "burden_error", "n_test", "seconds"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
