@@ -36,6 +36,12 @@ RECIPES: dict[str, dict] = {
     "default": {"kind": "cnn", "steps": 115, "fast_steps": 60, "batch_size": 4, "lr": 2e-3,
                 "warmup": 10, "head_options": {"refine_size": 128}, "val_fraction": 0.0,
                 "eval_every": 100},
+    # The annotation loop's head (samliver.annotate): the default recipe with fewer steps, so a
+    # retrain on a few confirmed slices stays under ~30 s on a 2-core CPU
+    # (docs/annotation_loop.md). Nothing is held out: the user's few slices all train.
+    "loop": {"kind": "cnn", "steps": 100, "fast_steps": 30, "batch_size": 4, "lr": 2e-3,
+             "warmup": 10, "head_options": {"refine_size": 128}, "val_fraction": 0.0,
+             "eval_every": 100},
     # One recipe per head kind for the label-efficiency study and `samliver train --head KIND`.
     "linear": {"kind": "linear", "steps": 300, "fast_steps": 50},
     "cnn": {"kind": "cnn", "steps": 300, "fast_steps": 50},
