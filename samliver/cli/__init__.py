@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("samliver.bench", "speed and memory benchmark (prints a table)"),
     "demo": ("samliver.demo", "the main job on the sample case"),
     "app": ("samliver.app", "serve the Voila front end"),
+    "embed-dataset": ("samliver.cli.embed_dataset", "encode every slice of a dataset folder (torchrun: sharded)"),
+    "train-dataset": ("samliver.cli.train_dataset", "train a head on a dataset's volumes (torchrun: DDP)"),
+    "make-phantom-dataset": ("samliver.cli.make_phantom_dataset", "write synthetic phantoms in the MSD layout"),
 }
 
 
