@@ -239,12 +239,28 @@ def write_slice_inputs(stem: str | os.PathLike, labels: np.ndarray, images: np.n
 # ----------------------------------------------------------------------------- loss
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum a tensor over ranks; the gradient is summed back over ranks the same way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 def global_seg_loss(logits: torch.Tensor, target: torch.Tensor, tumour_weight: float = 3.0,
                     dice_weight: float = 1.0) -> torch.Tensor:
     """``losses.seg_loss`` over the global batch of all ranks, as this rank's share.
 
-    The loss's sums are added up across ranks (``torch.distributed.nn.all_reduce``, which
-    carries gradients back to every rank's logits), so that after DDP averages the gradients
+    The loss's sums are added up across ranks (an all-reduce whose backward
+    all-reduces the gradients back to every rank's logits), so that after DDP averages the gradients
     over N ranks they equal the gradient of ``seg_loss`` on the whole global batch. In one
     process it is ``seg_loss`` itself (same formula, to float precision).
 
@@ -273,11 +289,8 @@ def global_seg_loss(logits: torch.Tensor, target: torch.Tensor, tumour_weight: f
     sums = torch.stack([t for p, g in regions for t in ((p * g).sum(), p.sum(), g.sum())])
     ce_den = (w[clean] * valid.float()).sum().detach()
     if world > 1:
-        import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_fn
-
-        sums = dist_fn.all_reduce(sums)
-        dist.all_reduce(ce_den)
+        sums = _AllReduceSum.apply(sums)
+        torch.distributed.all_reduce(ce_den)
     # DDP divides gradients by N: scale this rank's share of the (global) CE by N to undo it,
     # and the replicated Dice term is already summed back over ranks by all_reduce's backward.
     ce = world * ce_sum / ce_den if float(ce_den) > 0 else logits.sum() * 0.0
