@@ -20,15 +20,32 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from .datasets import (Case, index_dataset, liver_slices, select_label_slices, shard_bounds,
-                       slices_to_encode, split_by_volume)
-from .distributed import (DistEnv, SliceDataset, SliceItem, all_gather_objects, barrier,
-                          dist_env, peak_rss_mb, train_head_ddp, write_slice_inputs)
+from .datasets import (
+    Case,
+    index_dataset,
+    liver_slices,
+    select_label_slices,
+    shard_bounds,
+    slices_to_encode,
+    split_by_volume,
+)
+from .distributed import (
+    DistEnv,
+    SliceDataset,
+    SliceItem,
+    all_gather_objects,
+    barrier,
+    dist_env,
+    peak_rss_mb,
+    train_head_ddp,
+    write_slice_inputs,
+)
 from .util import SamliverError
 
 EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one float16 (256, 64, 64) slice: 2 MiB (+128 B npy header)
@@ -183,13 +200,19 @@ def prepare_training_items(cases: Sequence[Case], model: Any, *, k: int | None =
     return [item for _, items in merged for item in items]
 
 
-def evaluate_cases(cases: Sequence[Case], model: Any, head: Any, *, postprocess: bool = True,
-                   progress: bool = False, env: DistEnv | None = None) -> list[dict]:
+def evaluate_cases(cases: Sequence[Case], model: Any, head: Any, *, window: Any = "abdomen",
+                   postprocess: bool = True, progress: bool = False,
+                   cache_root: str | os.PathLike | None = None,
+                   env: DistEnv | None = None) -> list[dict]:
     """Predict whole held-out volumes (each rank every N-th) and gather their Dice.
+
+    Every slice is encoded through the cache with ``window`` (the one the head was trained
+    with), then ``inference.predict_volume`` (post-processed unless ``postprocess`` is False).
 
     Returns:
         ``[{"case_id", "liver_dice", "tumour_dice", "slices"}]`` in case order, on every rank.
     """
+    from .embeddings import embed_volume
     from .evaluation import dice
     from .inference import predict_volume
 
@@ -197,7 +220,9 @@ def evaluate_cases(cases: Sequence[Case], model: Any, head: Any, *, postprocess:
     mine = []
     for i in range(env.rank, len(cases), env.world_size):
         vol = cases[i].load()
-        pred = predict_volume(vol, model, head, postprocess_label=postprocess, progress=progress)
+        emb = embed_volume(vol, model, window=window, progress=progress, cache_root=cache_root)
+        pred = predict_volume(vol, model, head, embeddings=emb, postprocess_label=postprocess,
+                              progress=progress)
         mine.append((i, {"case_id": cases[i].case_id,
                          "liver_dice": float(dice(pred >= 1, vol.label >= 1)),
                          "tumour_dice": float(dice(pred == 2, vol.label == 2)),
@@ -262,7 +287,8 @@ def train_on_dataset(cases: Sequence[Case], test_cases: Sequence[Case], model: A
         "checkpoint": str(checkpoint) if checkpoint else None,
     }
     if evaluate and test_cases:
-        rows = evaluate_cases(test_cases, model, res.head, env=env)
+        rows = evaluate_cases(test_cases, model, res.head, window=window, cache_root=cache_root,
+                              env=env)
         summary["test"] = rows
         summary["liver_dice"] = round(float(np.mean([r["liver_dice"] for r in rows])), 6)
         summary["tumour_dice"] = round(float(np.mean([r["tumour_dice"] for r in rows])), 6)

@@ -26,21 +26,26 @@ import copy
 import os
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .checkpoints import check_compatible, head_options, read_checkpoint, save_checkpoint
+from .checkpoints import (
+    check_compatible,
+    head_options,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .heads import build_head
 from .losses import IGNORE
 from .training import TrainConfig, TrainResult, lr_factor
 from .training_data import augment_batch
 from .util import SamliverError
-
 
 # ----------------------------------------------------------------------------- process group
 
