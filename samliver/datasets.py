@@ -98,6 +98,55 @@ def select_label_slices(label: np.ndarray, k: int, seed: int = 0) -> list[int]:
     return sorted({pool[i] for i in idx})
 
 
+SLICE_MODES = ("all", "liver")
+
+
+def slices_to_encode(label: np.ndarray | None, depth: int, mode: str = "all", margin: int = 0) -> list[int]:
+    """Axial slices of a volume to encode: every slice, or the liver's z-range widened by ``margin``.
+
+    Args:
+        label: the volume's (z, y, x) label (needed for ``"liver"``).
+        depth: number of slices of the volume.
+        mode: ``"all"`` (default) or ``"liver"`` (from the first to the last slice with liver,
+            plus ``margin`` slices each side, clipped to the volume).
+        margin: slices added each side of the liver range (default 0).
+
+    Returns:
+        Sorted slice indices (empty for ``"liver"`` when the label has no liver).
+
+    Raises:
+        SamliverError: an unknown mode, a negative margin, or ``"liver"`` without a label.
+    """
+    if mode not in SLICE_MODES:
+        raise SamliverError(f"Unknown slice selection {mode!r}; use one of {', '.join(SLICE_MODES)}.")
+    if margin < 0:
+        raise SamliverError(f"The liver margin must be >= 0 slices, got {margin}.")
+    if mode == "all":
+        return list(range(int(depth)))
+    if label is None:
+        raise SamliverError("Encoding only liver slices needs the label: use --slices all for "
+                            "unlabelled volumes.")
+    liver = liver_slices(label)
+    if not liver:
+        return []
+    return list(range(max(0, liver[0] - margin), min(int(depth), liver[-1] + margin + 1)))
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` ordered items.
+
+    The shares of ranks ``0..world_size-1`` are disjoint, cover ``0..n-1`` and differ in size
+    by at most one. Contiguous (not strided) so that a rank touches only the few volumes its
+    slices belong to.
+
+    Raises:
+        SamliverError: a rank outside ``0..world_size-1``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise SamliverError(f"Rank {rank} is not in 0..{world_size - 1}.")
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
 # ----------------------------------------------------------------------------------------
 # dataset indexes
 # ----------------------------------------------------------------------------------------

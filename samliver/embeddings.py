@@ -193,8 +193,12 @@ def _prepare_cache_folder(root: Path, key: dict) -> Path:
     if stored != key:
         # A folder whose key does not match (corrupt key file, or a hash collision): its slices
         # cannot be trusted, so drop them before writing the key we are about to fill it for.
-        for old in folder.glob("z*.npy"):
-            old.unlink(missing_ok=True)
+        # A key file that is absent is not a mismatch: several processes (ranks of
+        # `embed-dataset`) may create the same folder at once, and one must not delete the
+        # slices another has just written before the key appeared.
+        if key_file.exists():
+            for old in folder.glob("z*.npy"):
+                old.unlink(missing_ok=True)
         atomic_write_text(key_file, json.dumps(key, indent=1, sort_keys=True))
     return folder
 
@@ -207,6 +211,7 @@ def embed_volume(
     batch_size: int | None = None,
     progress: bool = True,
     cache_root: str | os.PathLike | None = None,
+    on_batch=None,
 ) -> VolumeEmbeddings:
     """Encode ``slices`` of ``volume`` (a CTVolume or (z, y, x) HU array) with ``model``, through the cache.
 
@@ -214,7 +219,8 @@ def embed_volume(
     slices per encoder call, a tqdm progress bar, cache under ``$SAMLIVER_HOME/embeddings``.
     Only slices without a valid cached embedding are computed, through ``model.encode`` (its
     backend and precision, :mod:`samliver.backends`; CPU threads from ``model.num_threads``),
-    each written as soon as its batch is done.
+    each written as soon as its batch is done. ``on_batch`` (optional) is called with the
+    number of slices after each encoded batch (a caller's own progress bar).
     """
     import torch
     from tqdm.auto import tqdm
@@ -241,7 +247,26 @@ def embed_volume(
             for z, emb in zip(chunk, out):
                 _write_slice(result.slice_path(z), emb)
             bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return result
+
+
+def read_embedding(folder: str | os.PathLike, z: int) -> np.ndarray:
+    """Slice ``z``'s cached embedding in cache folder ``folder`` (a ``VolumeEmbeddings.path``).
+
+    Memory-mapped float16 (256, 64, 64), checked like every cached read (header, size, CRC-32):
+    what a streaming reader needs without rebuilding the volume's cache key.
+
+    Raises:
+        SamliverError: the slice is missing or damaged (encode it again).
+    """
+    path = Path(folder) / f"z{int(z):04d}.npy"
+    arr = _read_slice(path)
+    if arr is None:
+        raise SamliverError(f"{path} is missing or damaged: run `samliver embed-dataset` (or "
+                            "embed_volume) again to recompute it.")
+    return arr
 
 
 def default_batch_size(model) -> int:

@@ -188,49 +188,32 @@ def dataset_cases(root: str | Path) -> list:
 
 def run_dataset(root: str | Path, model: SamModel, *, ks: list[int], heads: list[str],
                 seeds: list[int], n_test: int | None = None, slices_per_volume: int = 32,
-                steps: int | None = None, progress: bool = True) -> list[dict]:
-    """Split by volume: K labelled volumes (liver slices, subsampled) -> held-out test volumes."""
-    from .datasets import split_by_volume
-    from .embeddings import embed_volume
-    from .inference import predict_volume
+                steps: int | None = None, progress: bool = True, env: Any = None,
+                device: str = "cpu") -> list[dict]:
+    """Split by volume: K labelled volumes (``slices_per_volume`` liver slices each, spread
+    over the liver) -> the held-out test volumes, whole.
 
-    cases = dataset_cases(root)
+    Training and evaluation are :func:`samliver.dataset_embedding.train_on_dataset`: streamed
+    from the embedding cache, data-parallel over the ``torchrun`` ranks (``env``; one process
+    without it), a fixed number of steps (no hold-out early stopping), test volumes sharded.
+    Every rank returns the same records.
+    """
+    from .dataset_embedding import labelled_cases, split_cases, train_on_dataset
+
+    cases = labelled_cases(root)
     records = []
     for seed in seeds:
-        parts = split_by_volume(cases, test_fraction=0.2, seed=seed)
-        test_cases, pool = parts["test"][: n_test or None], parts["train"]
-        if max(ks) > len(pool):
-            raise SamliverError(f"K={max(ks)} volumes requested but only {len(pool)} training "
-                                f"volumes are available ({len(cases)} labelled cases).")
         for k in ks:
-            embs, labs, ims = [], [], []
-            for case in pool[:k]:
-                vol = case.load()
-                zs = [z for z in range(vol.hu.shape[0]) if (vol.label[z] >= 1).any()]
-                zs = [zs[i] for i in np.linspace(0, len(zs) - 1, min(len(zs), slices_per_volume)
-                                                 ).round().astype(int)] if zs else []
-                if not zs:
-                    continue
-                e = embed_volume(vol, model, slices=zs, progress=progress)
-                a, b, c = slice_tensors(vol, e, zs)
-                embs.append(a), labs.append(b), ims.append(c)
-            if not embs:
-                raise SamliverError("The training volumes contain no liver label.")
-            emb, lab_all, img_all = np.concatenate(embs), np.concatenate(labs), np.concatenate(ims)
+            train, test = split_cases(cases, test_fraction=0.2, seed=seed, volumes=k, n_test=n_test)
             for kind in heads:
-                cfg = recipe(kind, steps=steps, seed=seed, val_fraction=0.1)
-                res = train_head(emb, lab_all, images=img_all, config=cfg, model=model,
-                                 progress=progress)
-                scores = []
-                for case in test_cases:
-                    vol = case.load()
-                    pred = predict_volume(vol, model, res.head, progress=progress)
-                    scores.append(label_dice(pred, vol.label))
+                cfg = recipe(kind, steps=steps, seed=seed, val_fraction=0.0)
+                summary, _ = train_on_dataset(train, test, model, config=cfg, k=slices_per_volume,
+                                              device=device, progress=progress, env=env)
                 records.append({
                     "method": kind, "protocol": "volumes", "k": k, "seed": seed,
-                    "liver_dice": round(float(np.mean([s["liver_dice"] for s in scores])), 4),
-                    "tumour_dice": round(float(np.mean([s["tumour_dice"] for s in scores])), 4),
-                    "n_test": len(test_cases), "seconds": round(res.history["seconds"], 1)})
+                    "liver_dice": round(summary["liver_dice"], 4),
+                    "tumour_dice": round(summary["tumour_dice"], 4),
+                    "n_test": len(test), "seconds": summary["train_seconds"]})
     return records
 
 

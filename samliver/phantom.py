@@ -8,6 +8,10 @@ orientation (see :mod:`samliver.io`): the liver sits on the patient's right = im
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 from .io import CTVolume, default_affine_zyx
@@ -94,3 +98,60 @@ def make_phantom(
     return CTVolume(hu=hu, spacing=spacing_t, affine=affine, label=label,
                     source=f"phantom(shape={shape}, n_lesions={n_lesions}, seed={seed})",
                     meta={"format": "phantom", "seed": seed})
+
+
+def write_phantom_dataset(
+    root: str | os.PathLike,
+    volumes: int = 4,
+    shape: tuple[int, int, int] = (32, 128, 128),
+    n_lesions: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write ``volumes`` phantom cases as an MSD task folder (``imagesTr/``, ``labelsTr/``, ``dataset.json``).
+
+    The layout is MSD Task03_Liver's (``liver_<i>.nii.gz`` pairs, a ``dataset.json`` listing
+    them), so :func:`samliver.datasets.index_dataset` and every dataset command read it like
+    the real 27 GB download. Case ``i`` is ``make_phantom(shape, n_lesions, seed=seed + i)``.
+    Files are written atomically; an existing folder is refused unless it is empty.
+
+    Args:
+        root: the task folder to create.
+        volumes: number of cases (>= 1).
+        shape: ``(z, y, x)`` of every case (default 32x128x128).
+        n_lesions: lesions per case (default 2).
+        seed: seed of case 0 (case ``i`` uses ``seed + i``).
+
+    Returns:
+        The task folder.
+
+    Raises:
+        SamliverError: fewer than one volume, or ``root`` exists and is not empty.
+    """
+    from .io import save_volume_nifti
+    from .util import atomic_write_text
+
+    if int(volumes) < 1:
+        raise SamliverError(f"A phantom dataset needs at least one volume, got {volumes}.")
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise SamliverError(f"{root} exists and is not an empty folder: choose a new folder.")
+    training = []
+    for i in range(int(volumes)):
+        vol = make_phantom(shape, n_lesions=n_lesions, seed=seed + i)
+        name = f"liver_{i}.nii.gz"
+        save_volume_nifti(vol.hu, root / "imagesTr" / name, spacing=vol.spacing)
+        save_volume_nifti(vol.label, root / "labelsTr" / name, spacing=vol.spacing, label=True)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {
+        "name": "PhantomLiver",
+        "description": f"samliver synthetic phantoms, shape {list(shape)}, {n_lesions} lesions, seed {seed}",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver", "2": "cancer"},
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    atomic_write_text(root / "dataset.json", json.dumps(meta, indent=2))
+    return root

@@ -121,6 +121,15 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in val], val
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then cosine
+    decay to 5 % at ``total`` (shared by ``train_head`` and the data-parallel loop)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
 def bf16_native(device: str = "cpu") -> bool:
     """Whether ``device`` computes bfloat16 natively (CPU: AVX512-BF16 / AMX; CUDA: Ampere+).
 
@@ -235,13 +244,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     total = max(1, config.steps)
 
-    def _lr_lambda(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        t = (step - config.warmup) / max(1, total - config.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.warmup, total))
     history: dict = {"step": [], "loss": [], "val_step": [], "val_liver": [], "val_tumour": [],
                      "val_on": val_on, "n_train": len(tr_idx), "n_val": len(va_idx),
                      "stopped": "steps", "best_step": 0, "best_score": -1.0}

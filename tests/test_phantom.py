@@ -52,3 +52,33 @@ def test_phantom_deterministic_and_options():
 def test_phantom_bad_shape():
     with pytest.raises(SamliverError):
         make_phantom((4, 64, 64))
+
+
+def test_write_phantom_dataset_msd_layout(tmp_path):
+    import json
+
+    from samliver.datasets import index_dataset
+    from samliver.phantom import write_phantom_dataset
+
+    root = write_phantom_dataset(tmp_path / "Task", volumes=2, shape=(12, 64, 64), n_lesions=1, seed=3)
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["numTraining"] == 2 and meta["labels"]["2"] == "cancer"
+    cases = index_dataset(root)
+    assert [c.case_id for c in cases] == ["liver_0", "liver_1"]
+    vol = cases[1].load()
+    ref = make_phantom((12, 64, 64), n_lesions=1, seed=4)
+    np.testing.assert_array_equal(vol.label, ref.label)
+    np.testing.assert_allclose(vol.hu, ref.hu, atol=1e-3)
+    with pytest.raises(SamliverError, match="not an empty folder"):
+        write_phantom_dataset(root, volumes=1)
+
+
+def test_make_phantom_dataset_cli(tmp_path, capsys):
+    import json
+
+    from samliver import cli
+
+    assert cli.main(["make-phantom-dataset", str(tmp_path / "d"), "--volumes", "1",
+                     "--shape", "12,64,64", "--lesions", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["volumes"] == 1
+    assert cli.main(["make-phantom-dataset", str(tmp_path / "e"), "--shape", "12,64"]) == 2

@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("samliver.cli.demo", "the main job on the sample case"),
     "app": ("samliver.app", "serve the Voila front end"),
     "annotate-sim": ("samliver.cli.annotate_sim", "simulated annotator: Dice vs slices labelled per strategy"),
+    "embed-dataset": ("samliver.cli.embed_dataset", "encode every slice of a dataset folder (torchrun: sharded)"),
+    "train-dataset": ("samliver.cli.train_dataset", "train a head on a dataset's volumes (torchrun: DDP)"),
+    "make-phantom-dataset": ("samliver.cli.make_phantom_dataset", "write synthetic phantoms in the MSD layout"),
 }
 
 

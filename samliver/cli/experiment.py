@@ -76,8 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.views or args.self_train:
             raise SamliverError("--views and --self-train work with slice splits (sample, VOLUME or "
                                 "--train-slices), not yet with --dataset.")
-        records = run_dataset(args.dataset, model, ks=ks, heads=heads, seeds=seeds,
-                              steps=args.steps, progress=progress)
+        from ..distributed import close_distributed, init_distributed
+
+        env, device = init_distributed(args.device)  # under torchrun: this rank's GPU
+        if device != str(model.device):
+            model = model.to(device)
+        try:
+            records = run_dataset(args.dataset, model, ks=ks, heads=heads, seeds=seeds,
+                                  steps=args.steps, progress=progress and env.is_main, env=env,
+                                  device=device)
+        finally:
+            close_distributed()
+        if not env.is_main:
+            return 0  # rank 0 writes the outputs
     else:
         volume = options.load_volume(args)
         if volume.label is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..checkpoints import model_info
 from ..config import DEFAULT_K, HEAD_KINDS, PROTOCOLS
@@ -15,9 +16,30 @@ from ..util import SamliverError, check_number, check_output_path, parse_slice_s
 from . import options
 
 
+def _dataset_argv(argv: list[str]) -> list[str] | None:
+    """``--dataset DIR`` turned into ``train-dataset``'s arguments (``DIR`` first), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--dataset" and i + 1 < len(argv):
+            return [argv[i + 1], *argv[:i], *argv[i + 2:]]
+        if arg.startswith("--dataset="):
+            return [arg.split("=", 1)[1], *argv[:i], *argv[i + 1:]]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``samliver train [VOLUME] [--label L] --head cnn --k 8 --protocol sparse -o head.pt``."""
-    p = argparse.ArgumentParser(prog="samliver train", description=main.__doc__)
+    """``samliver train [VOLUME] [--label L] --head cnn --k 8 --protocol sparse -o head.pt``.
+
+    ``samliver train --dataset DIR ...`` trains on a dataset's volumes instead: the same as
+    ``samliver train-dataset DIR ...`` (data-parallel under torchrun).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dataset_argv = _dataset_argv(argv)
+    if dataset_argv is not None:
+        from .train_dataset import main as train_dataset
+
+        return train_dataset(dataset_argv)
+    p = argparse.ArgumentParser(prog="samliver train", description=main.__doc__,
+                                epilog="With --dataset DIR: see `samliver train-dataset --help`.")
     options.add_volume(p, optional=True)
     options.add_model(p)
     p.add_argument("--head", default="cnn", choices=list(HEAD_KINDS) + ["default"],
