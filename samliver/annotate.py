@@ -549,8 +549,7 @@ class Session:
             raise SamliverError(f"No {CLASS_NAMES[cls]} mask on slice {z} to propagate: draw a "
                                 "box first.")
         self._set_predictor(z)
-        self._ensure_embeddings(list(range(self.depth)))
-        try:
+        try:  # slices without a cached embedding are encoded on the way
             vol, done = propagate_mask(self._predictor, self.embeddings, z, mask,
                                        volume=self.volume.hu, max_slices=max_slices)
         finally:
