@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -124,25 +124,33 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
                model_info: dict | None = None, checkpoint: str | Path | None = None,
                resume: str | Path | None = None, progress: bool = True,
                curves_path: str | Path | None = None,
-               val_data: tuple | None = None) -> TrainResult:
+               val_data: tuple | None = None,
+               callback: Callable[[int, int, float], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train a head on embeddings ``(N,C,h,w)`` and labels ``(N,S,S)`` (model-input frame).
 
     ``images`` ``(N,S,S)`` in [0,1] feed heads with an image skip. ``val_data`` =
     ``(emb, labels, images)`` overrides the automatic hold-out. ``checkpoint`` is written at
     every improvement (best state) and at the end; ``resume`` continues from a checkpoint
     (same data and config). ``config.threads`` sets torch's thread count for the run.
+    ``callback(step, total, loss)`` is called after every step (a UI's progress bar);
+    ``should_stop()`` is polled before every step, and True ends training with
+    ``history["stopped"] == "cancelled"`` (the head is then the last state, not a finished one).
     Returns the best head (eval mode) and the history.
     """
     with torch_threads((config or TrainConfig()).threads):
         return _train_head(emb, labels, images=images, config=config, model=model,
                            model_info=model_info, checkpoint=checkpoint, resume=resume,
-                           progress=progress, curves_path=curves_path, val_data=val_data)
+                           progress=progress, curves_path=curves_path, val_data=val_data,
+                           callback=callback, should_stop=should_stop)
 
 
 def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None,
                 config: TrainConfig | None, model: Any, model_info: dict | None,
                 checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
-                curves_path: str | Path | None, val_data: tuple | None) -> TrainResult:
+                curves_path: str | Path | None, val_data: tuple | None,
+                callback: Callable[[int, int, float], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> TrainResult:
     config = copy.deepcopy(config or TrainConfig())
     emb = np.asarray(emb, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
@@ -230,6 +238,9 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
                leave=False)
     t0 = time.time()
     for step in bar:
+        if should_stop is not None and should_stop():
+            history["stopped"] = "cancelled"
+            break
         head.train()
         idx = torch.randperm(n, generator=gen)[:bs]
         x, y = x_all[idx], y_all[idx]
@@ -253,6 +264,8 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
         history["step"].append(step)
         history["loss"].append(float(loss.item()))
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None:
+            callback(step + 1, config.steps, history["loss"][-1])
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             liver, tumour = _val_scores(head, v_emb, v_lab, v_img, device)
             score = liver if math.isnan(tumour) else 0.5 * (liver + tumour)
