@@ -917,6 +917,10 @@ class AnnotateWidget(SegmentWidget):
         self.summary: dict | None = None
         self.saved: dict | None = None
         self._cancel = None
+        # callbacks(widget) after a training (finished or cancelled) and after a save: the app
+        # uses them to refresh its other views and offer downloads
+        self.on_trained: list[Callable] = []
+        self.on_saved: list[Callable] = []
         self.strip = widgets.HTML("")
         self.b_train = widgets.Button(description="train", button_style="warning", icon="graduation-cap",
                                       tooltip="train a head on your confirmed slices, then predict every slice")
@@ -1034,6 +1038,8 @@ class AnnotateWidget(SegmentWidget):
             self.message("training cancelled: the previous head stays" if cancelled else
                          f"trained on {len(summary['slices'])} slices and predicted every slice: look at the "
                          "outlines, then 'suggest next'")
+            for callback in self.on_trained:
+                callback(self)
             return summary
 
         return self._run(f"training on {len(zs)} slices", job, done)
@@ -1103,6 +1109,8 @@ class AnnotateWidget(SegmentWidget):
         self._check_idle()
         paths = self.session.save(folder or self.out_dir)
         self.saved = paths
+        for callback in self.on_saved:
+            callback(self)
         self.message("saved " + ", ".join(f"{k} {p.name}" for k, p in paths.items()) + f" in {paths['label'].parent}")
         return paths
 
