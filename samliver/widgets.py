@@ -335,6 +335,24 @@ def strip_html(states: np.ndarray, current: int | None = None, suggested: list[i
             f"<div style='font-size:85%;color:#444'>slices 0..{n - 1}:{key}</div></div>")
 
 
+def loop_config(fast: bool | None = None) -> Any:
+    """The head recipe of the widgets' loop: the session's (a small CNN head, 100 steps), or in
+    FAST mode (``SAMLIVER_FAST=1``, CI and browser tests) a linear head for 30 steps.
+
+    Args:
+        fast: force FAST (True) or full (False); default: :func:`samliver.util.fast_mode`.
+
+    Returns:
+        A ``TrainConfig``.
+    """
+    from .annotate import annotation_train_config
+
+    config = annotation_train_config()
+    if fast_mode() if fast is None else fast:
+        config.kind, config.steps, config.eval_every, config.head_options = "linear", 30, 30, {}
+    return config
+
+
 def _set_disabled(buttons, disabled: bool) -> None:
     for b in buttons:
         b.disabled = disabled
@@ -363,7 +381,7 @@ class SegmentWidget:
         z: the first slice (default the middle of ``slices``).
         figsize: the figure's size in inches.
         out_path: where ``save`` writes (default ``samliver_label.nii.gz``).
-        config: the ``TrainConfig`` of a new session's head.
+        config: the ``TrainConfig`` of a new session's head (default :func:`loop_config`).
         background: run long actions (propagate, train) in a worker thread (default True;
             tests pass False to run them in the calling thread).
     """
@@ -388,7 +406,8 @@ class SegmentWidget:
                 from .models import get_model
 
                 model = get_model("litemedsam")
-            session = Session(volume, model, embeddings=embeddings, config=config)
+            session = Session(volume, model, embeddings=embeddings,
+                              config=config if config is not None else loop_config())
         self.session = session
         self.volume, self.model = session.volume, session.model
         self.hu = np.asarray(session.volume.hu, dtype=np.float32)

@@ -98,9 +98,9 @@ def test_run_head_shows_progress_burden_viewer_and_download(app, phantom_file, t
 
 
 def test_label_a_volume_in_the_app_train_then_download_label_and_head(app, phantom_file, small_phantom):
-    from samliver.viewer import VolumeViewer
-
     from test_widgets import BoxPredictor
+
+    from samliver.viewer import VolumeViewer
 
     assert app.load(phantom_file)
     w = app.annotator

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from samliver.util import SamliverError
-from samliver.viewer import LAYERS, VolumeViewer, label_colormap, layer_rgb, legend_html, show_volume
+from samliver.viewer import (
+    LAYERS,
+    VolumeViewer,
+    label_colormap,
+    layer_rgb,
+    legend_html,
+    show_volume,
+)
 from samliver.visualization import CLASS_COLORS
 
 pytest.importorskip("ipyniivue")

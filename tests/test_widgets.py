@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 from matplotlib.backend_bases import MouseEvent
 
-from samliver.widgets import (CANDIDATE_COLOR, AnnotateWidget, SegmentWidget, SliceBrowser, box_from_click,
-                              new_figure, slice_rgb, strip_html)
 from samliver.visualization import CLASS_COLORS
+from samliver.widgets import (
+    CANDIDATE_COLOR,
+    AnnotateWidget,
+    SegmentWidget,
+    SliceBrowser,
+    box_from_click,
+    new_figure,
+    slice_rgb,
+    strip_html,
+)
 
 
 class BoxPredictor:
@@ -269,7 +277,7 @@ def test_slice_rgb_outlines_the_prediction_and_fills_the_label():
 
 
 def test_annotate_loop_train_suggest_confirm_save(loop, small_phantom, tmp_path):
-    states = lambda: loop.session.slice_states().tolist()  # noqa: E731
+    states = lambda: loop.session.slice_states().tolist()
     loop.train()
     assert "No confirmed slice" in loop.status.value
     for z in (4, 8, 12):
@@ -374,7 +382,12 @@ def test_litemedsam_widget_on_cached_sample_embeddings(sample_volume):
 
 
 def test_notebook_figures_have_titles_axes_and_legends(phantom):
-    from samliver.visualization import hu_histogram_figure, prediction_figure, window_figure, zero_shot_figure
+    from samliver.visualization import (
+        hu_histogram_figure,
+        prediction_figure,
+        window_figure,
+        zero_shot_figure,
+    )
 
     figs = [hu_histogram_figure(phantom), window_figure(phantom, 16), prediction_figure(phantom, phantom.label, [10, 16]),
             zero_shot_figure([{"mode": "box", "liver_dice": 0.9, "tumour_dice": None},
