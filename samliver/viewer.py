@@ -152,7 +152,7 @@ class VolumeViewer:
         import ipywidgets as widgets
 
         try:
-            from ipyniivue import NiiVue, ShowRender, SliceType
+            from ipyniivue import MultiplanarType, NiiVue, ShowRender, SliceType
         except ImportError as err:
             raise SamliverError("The NiiVue viewer needs ipyniivue: `pip install ipyniivue` "
                                 "(or `pip install 'samliver[ui]'`); show_volume() falls back to plotly.") from err
@@ -168,6 +168,10 @@ class VolumeViewer:
         self.opacity: dict[str, float] = dict(DEFAULT_OPACITY)
         self.nv = NiiVue(height=int(height))
         self.nv.opts.multiplanar_show_render = ShowRender.ALWAYS
+        self.nv.opts.multiplanar_layout = MultiplanarType.GRID  # 2 x 2: three planes and the 3D render
+        # NiiVue sizes its canvas from its own element: give it a width (inside a flex box
+        # without one the canvas is 0 pixels wide)
+        self.nv.layout = widgets.Layout(width="calc(100% - 230px)", min_width="420px")
         self.nv.set_slice_type(SliceType.MULTIPLANAR)
         self.legend = widgets.HTML()
         self.toggles: dict[str, Any] = {}
@@ -183,7 +187,7 @@ class VolumeViewer:
             self.visible["reference"] = False
         self._reload()
         self.widget = widgets.HBox([
-            widgets.Box([self.nv], layout=widgets.Layout(flex="1 1 auto", min_width="480px")),
+            self.nv,
             widgets.VBox([self.legend, self.toggle_box, self.status],
                          layout=widgets.Layout(width="210px", margin="0 0 0 12px")),
         ])

@@ -44,6 +44,7 @@ def test_viewer_writes_ct_and_labels_in_one_geometry(small_phantom):
         assert v.visible == {"reference": False, "prediction": True}
         assert v.nv.volumes[1].opacity == 0.0 and v.nv.volumes[2].opacity > 0
         assert v.nv.volumes[2].colormap_label is not None
+        assert v.nv.layout.width  # NiiVue's canvas is 0 px wide in a flex box without a width
     finally:
         v.close()
     assert not v.ct_path.exists()  # the temporary files go with the viewer
