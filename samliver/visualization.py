@@ -263,3 +263,48 @@ def zero_shot_figure(rows: list[dict], path: str | os.PathLike | None = None,
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def annotation_sim_figure(records: list[dict], path: str | os.PathLike | None = None,
+                          title: str = "simulated annotator: whole-volume Dice vs slices labelled"
+                          ) -> "Figure":
+    """Liver and tumour Dice against confirmed slices, one line per strategy.
+
+    Args:
+        records: rounds from ``samliver.annotate_sim.simulate`` (keys ``strategy``, ``seed``,
+            ``slices``, ``liver_dice``, ``tumour_dice``).
+        path: where to save the figure (PNG/SVG/PDF by extension), or None.
+        title: the figure title.
+
+    Returns:
+        The matplotlib ``Figure``: the mean over seeds as a line, the range over seeds as a
+        band.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    strategies = sorted({str(r["strategy"]) for r in records})
+    colours = {"suggest": "tab:red", "even": "tab:blue", "random": "tab:grey"}
+    for ax, (key, cls) in zip(axes, (("liver_dice", 1), ("tumour_dice", 2))):
+        for s in strategies:
+            rows = [r for r in records if r["strategy"] == s and r.get(key) is not None]
+            xs = sorted({int(r["slices"]) for r in rows})
+            if not xs:
+                continue
+            vals = [[float(r[key]) for r in rows if int(r["slices"]) == x] for x in xs]
+            seeds = len({r["seed"] for r in rows})
+            colour = colours.get(s)
+            ax.plot(xs, [np.mean(v) for v in vals], marker="o", color=colour,
+                    label=f"{s} ({seeds} seed{'s' if seeds != 1 else ''})")
+            ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=colour,
+                            alpha=0.15, linewidth=0)
+        ax.set_xlabel("slices confirmed")
+        ax.set_ylabel(f"{CLASS_NAMES[cls]} Dice (whole volume)")
+        ax.set_title(CLASS_NAMES[cls])
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="next slice", loc="lower right")
+    fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("samliver.bench", "speed and memory benchmark (prints a table)"),
     "demo": ("samliver.demo", "the main job on the sample case"),
     "app": ("samliver.app", "serve the Voila front end"),
+    "annotate-sim": ("samliver.cli.annotate_sim", "simulated annotator: Dice vs slices labelled per strategy"),
 }
 
 
