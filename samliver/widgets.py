@@ -337,7 +337,9 @@ def strip_html(states: np.ndarray, current: int | None = None, suggested: list[i
 
 def loop_config(fast: bool | None = None) -> Any:
     """The head recipe of the widgets' loop: the session's (a small CNN head, 100 steps), or in
-    FAST mode (``SAMLIVER_FAST=1``, CI and browser tests) a linear head for 30 steps.
+    FAST mode (``SAMLIVER_FAST=1``, CI and browser tests) a linear head for 30 steps at a
+    learning rate of 3e-2 (on two sample slices it reached liver Dice 0.90 where the linear
+    default of 3e-3 reached 0.49 in those 30 steps).
 
     Args:
         fast: force FAST (True) or full (False); default: :func:`samliver.util.fast_mode`.
@@ -350,6 +352,7 @@ def loop_config(fast: bool | None = None) -> Any:
     config = annotation_train_config()
     if fast_mode() if fast is None else fast:
         config.kind, config.steps, config.eval_every, config.head_options = "linear", 30, 30, {}
+        config.lr, config.warmup = 3e-2, 5
     return config
 
 
@@ -1054,11 +1057,11 @@ class AnnotateWidget(SegmentWidget):
             self._label_changed()
             cancelled = summary.get("stopped") == "cancelled"
             self.train_summary.value = self._summary_html(summary)
+            for callback in self.on_trained:
+                callback(self)
             self.message("training cancelled: the previous head stays" if cancelled else
                          f"trained on {len(summary['slices'])} slices and predicted every slice: look at the "
                          "outlines, then 'suggest next'")
-            for callback in self.on_trained:
-                callback(self)
             return summary
 
         return self._run(f"training on {len(zs)} slices", job, done)

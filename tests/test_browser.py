@@ -48,7 +48,6 @@ NOTEBOOK_CELLS = [
     "vol = load_sample()\n"
     "model = get_model('litemedsam', device='cpu')\n"
     f"w = AnnotateWidget(vol, model, embeddings=embed_volume(vol, model, progress=False), z={Z1})\n"
-    "w.session.config.steps = 15\n"
     "w.fig.canvas.draw()\n"
     "inv = w.fig.transFigure.inverted()\n"
     "def target(z):\n"
@@ -237,7 +236,7 @@ def _train_and_check_prediction(page, scope, canvas, z_unlabelled: int, shot: st
     expect(scope.locator(".widget-label", has_text="trained on 2 slices").first).to_be_visible(timeout=180_000)
     expect(scope.locator(".widget-html", has_text="last training").first).to_be_visible(timeout=10_000)
     assert "final loss" in scope.locator(".widget-html", has_text="last training").first.inner_text()
-    assert not scope.locator("button:visible", has_text="train").first.is_disabled()
+    expect(scope.locator("button:visible", has_text="train").first).to_be_enabled(timeout=60_000)
     page.wait_for_timeout(1500)
     after = _pixels(canvas.screenshot(), "liver")
     page.screenshot(path=str(SHOTS / shot), full_page=True)
@@ -314,21 +313,23 @@ def test_voila_app_label_a_volume_train_download_and_viewer(workdir, browser):
         expect(page.get_by_text("Choose a CT and press")).to_be_visible(timeout=180_000)
         page.locator("button[title='load']").click()
         expect(page.get_by_text("loaded lits_117")).to_be_visible(timeout=180_000)
-        page.get_by_text("label a volume", exact=True).click()
+        page.locator(".lm-TabBar-tabLabel", has_text="label a volume").click()
         _wait_canvas(page, ".widget-tab-contents, .jupyter-widgets")
         tab = page.locator(".widget-tab-contents .widget-vbox:visible").first
         canvas = page.locator(".jupyter-matplotlib-canvas-div:visible canvas").last
         canvas.scroll_into_view_if_needed()
         page.wait_for_timeout(1000)
         page.screenshot(path=str(SHOTS / "voila_before_box.png"))
-        # the sample's liver fills the upper-left middle of the slice; a generous box is enough
-        _box_and_accept(page, tab, canvas, (0.3, 0.7, 0.55, 0.35))
+        # the sample's liver fills the upper right of its middle slices (x 60..120, y 5..60 of
+        # 128 pixels): this box, as fractions of the canvas (y from the bottom), holds it
+        liver_box = (0.5, 0.92, 0.88, 0.55)
+        _box_and_accept(page, tab, canvas, liver_box)
         _go_to_slice(page, tab, Z1)
-        _box_and_accept(page, tab, canvas, (0.3, 0.7, 0.55, 0.35))
+        _box_and_accept(page, tab, canvas, liver_box)
         _train_and_check_prediction(page, tab, canvas, Z2, "voila_after_train.png")
         tab.locator("button:visible", has_text="save").last.click()
         expect(page.locator("a[download]:visible")).to_have_count(2, timeout=60_000)
-        page.get_by_text("whole volume", exact=True).click()
+        page.locator(".lm-TabBar-tabLabel", has_text="whole volume").click()
         expect(page.get_by_text("tumour burden (head trained here")).to_be_visible(timeout=60_000)
         _niivue_canvas_is_drawn(page, page.locator(".widget-tab-contents"), "voila_niivue.png")
         page.screenshot(path=str(SHOTS / "voila_whole_volume.png"), full_page=True)
