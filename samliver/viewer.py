@@ -288,7 +288,10 @@ class VolumeViewer:
                 self.paths.pop(layer).unlink(missing_ok=True)
                 self.visible.pop(layer, None)
         else:
+            new = layer not in self.arrays
             self._store(layer, label)
+            if new and layer == "prediction" and "reference" in self.arrays:
+                self.show("reference", False)  # a new prediction is what the user came to see
         self._reload(changed=layer)
 
     def message(self, text: str) -> None:

@@ -50,6 +50,18 @@ def test_viewer_writes_ct_and_labels_in_one_geometry(small_phantom):
     assert not v.ct_path.exists()  # the temporary files go with the viewer
 
 
+def test_a_new_prediction_hides_the_reference(small_phantom):
+    v = VolumeViewer(small_phantom)
+    assert v.visible == {"reference": True}
+    v.set_layer("prediction", small_phantom.label)
+    assert v.visible == {"reference": False, "prediction": True} and v.nv.volumes[1].opacity == 0.0
+    assert v.toggles["reference"].value is False
+    v.show("reference", True)
+    v.set_layer("prediction", small_phantom.label)  # a newer prediction leaves the user's choice alone
+    assert v.visible["reference"] is True
+    v.close()
+
+
 def test_layers_toggle_replace_and_remove(small_phantom):
     v = VolumeViewer(small_phantom, reference=None)
     assert v.layers == [] and "no label layer" in v.legend.value
