@@ -283,3 +283,11 @@ def test_loop_recipe_is_the_fast_cnn():
     cfg = annotation_train_config(seed=3, steps=40)
     assert (cfg.kind, cfg.steps, cfg.seed, cfg.val_fraction) == ("cnn", 40, 3, 0.0)
     assert cfg.head_options.get("refine_size") == 128
+
+
+def test_propagate_accepts_slices_and_undo_takes_them_back(session):
+    session.prompt_box((5, 5, 50, 50), z=8, cls=1)
+    done = session.propagate(max_slices=1)
+    assert 8 in done and set(done) <= {7, 8, 9}
+    assert session.confirmed == set(done)
+    assert session.undo() and session.confirmed == set() and not session.label.any()

@@ -114,3 +114,42 @@ def test_litemedsam_liver_propagation_on_real_slices(sample_volume):
     out, done = propagate_box(Predictor(model), emb, 80, box_from_mask(gt[80]), bounds=(78, 82))
     assert done == zs
     assert dice(out[78:83], gt[78:83]) > 0.85
+
+
+class _Greedy(_Oracle):
+    """Returns every object inside the box (SAM's failure mode: it fills the box it is given)."""
+
+    def predict(self, box=None, **kwargs):
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        m = np.zeros_like(self.truth[self.z])
+        m[y0:y1, x0:x1] = self.truth[self.z][y0:y1, x0:x1]
+        return m[None], np.ones(1), None
+
+
+def test_leak_guards_keep_propagation_on_the_organ():
+    depth = 20
+    liver = np.zeros((depth, 40, 40), bool)
+    liver[:, 12:24, 8:20] = True
+    bowel = np.zeros_like(liver)
+    bowel[10:, 12:24, 20:32] = True  # touches the liver from slice 10 on
+    hu = np.where(liver, 100.0, np.where(bowel, -40.0, -1000.0)).astype(np.float32)
+    emb = _Emb(liver.shape)
+    unguarded, _ = propagate_mask(_Greedy(liver | bowel), emb, 5, liver[5], volume=hu,
+                                  min_iou=None, max_shift=None, hu_band=None)
+    assert (unguarded & bowel).sum() > 100  # the leak the guards are for
+    guarded, done = propagate_mask(_Greedy(liver | bowel), emb, 5, liver[5], volume=hu)
+    assert done == list(range(depth)) and not (guarded & bowel).any()
+    assert (liver & ~guarded).sum() <= 4 * depth  # the opening may round the square's corners
+
+
+def test_iou_stop_ends_a_jump_to_another_object():
+    liver = np.zeros((20, 40, 40), bool)
+    liver[:12, 12:24, 8:20] = True  # the liver ends at slice 11 ...
+    bowel = np.zeros_like(liver)
+    bowel[12:, 12:24, 18:36] = True  # ... where a bowel loop overlaps its box
+    emb = _Emb(liver.shape)
+    _, done = propagate_mask(_Greedy(liver | bowel), emb, 5, liver[5], max_shift=None, hu_band=None,
+                             min_iou=None)
+    assert max(done) == 19  # unguarded, it walks on through the bowel
+    _, done = propagate_mask(_Greedy(liver | bowel), emb, 5, liver[5], max_shift=None, hu_band=None)
+    assert done == list(range(12))
