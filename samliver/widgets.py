@@ -336,7 +336,7 @@ def strip_html(states: np.ndarray, current: int | None = None, suggested: list[i
 
 
 def loop_config(fast: bool | None = None) -> Any:
-    """The head recipe of the widgets' loop: the session's (a small CNN head, 100 steps), or in
+    """The head recipe of the widgets' loop: the session's (:func:`samliver.annotate.annotation_train_config`), or in
     FAST mode (``SAMLIVER_FAST=1``, CI and browser tests) a linear head for 30 steps at a
     learning rate of 3e-2 (on two sample slices it reached liver Dice 0.90 where the linear
     default of 3e-3 reached 0.49 in those 30 steps).

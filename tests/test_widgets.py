@@ -23,13 +23,14 @@ from samliver.widgets import (
 class BoxPredictor:
     """Stand-in for the SAM predictor: the mask is the box itself (deterministic, fast)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, region=None):
+        self.calls, self.region, self.z = [], region, None  # region (z, y, x): masks stay inside it
 
     def set_embedding(self, emb, original_hw, model_name=None):
         self.hw = tuple(original_hw)
 
     def set_slice(self, embeddings, z):
+        self.z = z
         self.set_embedding(None, embeddings.original_hw)
 
     def predict(self, points=None, point_labels=None, box=None, multimask_output=False, **_):
@@ -38,6 +39,8 @@ class BoxPredictor:
         if box is not None:
             x0, y0, x1, y1 = (int(round(v)) for v in box)
             mask[y0:y1 + 1, x0:x1 + 1] = True
+        if self.region is not None:
+            mask &= self.region[self.z]
         k = 3 if multimask_output else 1
         return np.stack([mask] * k), np.linspace(0.5, 0.9, k), None  # the best mask last
 
@@ -192,7 +195,7 @@ def test_class_switch_starts_a_tumour_prompt_and_says_so(seg):
     assert seg.accept() == 11 * 11 and (seg.label[8] == 2).sum() == 11 * 11
 
 
-def test_multimask_scores_are_explained_undo_reset_accept_clear_propagate_save(seg, tmp_path):
+def test_multimask_scores_are_explained_undo_reset_accept_clear_propagate_save(seg, small_phantom, tmp_path):
     from samliver.io import load_volume
 
     seg.on_box(10, 10, 30, 30)
@@ -225,9 +228,12 @@ def test_multimask_scores_are_explained_undo_reset_accept_clear_propagate_save(s
     assert not seg.label[8].any() and 8 not in seg.session.confirmed and "cleared" in seg.status.value
     seg.undo()  # no prompt left: the label change is undone
     assert (seg.label[8] == 2).sum() == n and "undone" in seg.status.value
-    seg.on_box(10, 10, 20, 20)
+    liver = small_phantom.label >= 1
+    seg.session._predictor.region = liver  # SAM finds the liver inside the box
+    ys, xs = np.nonzero(liver[8])
+    seg.on_box(xs.min(), ys.min(), xs.max(), ys.max())
     done = seg.propagate(max_slices=2)
-    assert done == [6, 7, 8, 9, 10] and (seg.label[6] == 1).any() and seg.z == 8
+    assert done == [6, 7, 8, 9, 10] and (seg.label[6] == 1).any() and seg.z == 8, seg.status.value
     assert "propagated liver" in seg.status.value and seg.work_label.value.startswith("done in")
     assert not seg.b_accept.disabled
     out = seg.save(str(tmp_path / "label.nii.gz"))
