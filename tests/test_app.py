@@ -19,7 +19,10 @@ def tiny_model():
 
 @pytest.fixture()
 def app(tiny_model, tmp_path):
-    return App(model=tiny_model, out_dir=str(tmp_path / "app"))
+    from samliver.training import TrainConfig
+
+    return App(model=tiny_model, out_dir=str(tmp_path / "app"), background=False,
+               config=TrainConfig(kind="linear", steps=6, val_fraction=0.0, eval_every=6, warmup=0))
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +63,16 @@ def test_load_browse_segment_and_missing_head(app, phantom_file, tmp_path):
     assert app.load_from_ui() is True, app.status.value
     assert "shape (16, 64, 64)" in app.summary.value
     assert app.browser is not None and app.segmenter is not None
+    assert "No label to overlay" in app.overlay_note.value  # this CT came without a reference
     assert app.run_head(str(tmp_path / "nope.pt")) is None
-    assert "not found" in app.status.value and "samliver demo" in app.status.value
+    assert "not found" in app.status.value and "label a volume" in app.status.value
 
 
-def test_run_head_shows_burden_3d_and_download(app, phantom_file, tiny_model, tmp_path):
+def test_run_head_shows_progress_burden_viewer_and_download(app, phantom_file, tiny_model, tmp_path):
     import torch
 
-    from samliver.heads import build_head
     from samliver.checkpoints import save_checkpoint
+    from samliver.heads import build_head
     from samliver.training import TrainConfig
 
     head = build_head("linear", model=tiny_model)
@@ -82,13 +86,42 @@ def test_run_head_shows_burden_3d_and_download(app, phantom_file, tiny_model, tm
     label = app.run_head(str(path), slices=[7, 8])
     assert label is not None, app.status.value
     assert label.shape == (16, 64, 64) and label.dtype == np.uint8
-    assert "tumour burden" in app.burden_html.value
+    assert "tumour burden" in app.burden_html.value and "saved head head.pt" in app.burden_html.value
     assert "data:application/octet-stream;base64," in app.download.value
+    # measured, not guessed: the note reports the time it took and what came from the cache
+    assert "segmented 2 slices in" in app.head_status.value and "about" not in app.head_status.value
+    assert app.head_progress.bar_style == "success" and not app.b_head.disabled
     assert len(app.view3d_box.children) == 1
+    # the browse tab says that it now shows a prediction
+    assert app.overlay_choice.value == "prediction" and "head's prediction" in app.overlay_note.value
+    assert "overlay: head prediction" in app.browser.title
 
 
-def test_saving_the_interactive_label_offers_a_download(app, phantom_file):
+def test_label_a_volume_in_the_app_train_then_download_label_and_head(app, phantom_file, small_phantom):
+    from test_widgets import BoxPredictor
+
+    from samliver.viewer import VolumeViewer
+
     assert app.load(phantom_file)
-    app.segmenter.label[8, 10:20, 10:20] = 1
-    app.segmenter.b_save.click()
-    assert "data:application/octet-stream;base64," in app.seg_download.value, app.segmenter.status.value
+    w = app.annotator
+    w.session._predictor = BoxPredictor()
+    for z in (5, 10):
+        w.slider.value = z
+        ys, xs = np.nonzero(small_phantom.label[z] >= 1)
+        w.on_box(xs.min(), ys.min(), xs.max(), ys.max())
+        w.b_accept.click()
+    assert sorted(w.session.confirmed) == [5, 10]
+    w.b_train.click()
+    assert w.session.prediction is not None, w.status.value
+    assert app.prediction is not None and "2 confirmed slices" in app.prediction_source
+    assert "Dice" not in w.train_summary.value  # no reference with this CT
+    if isinstance(app.viewer, VolumeViewer):
+        assert "prediction" in app.viewer.layers
+    w.b_save_all.click()
+    assert app.seg_download.value.count("data:application/octet-stream;base64,") == 2, w.status.value
+    assert "your label (NIfTI)" in app.seg_download.value and "the head" in app.seg_download.value
+
+
+def test_sample_in_the_app_overlays_the_reference_and_says_so(app):
+    assert app.load("sample"), app.status.value
+    assert app.overlay_choice.value == "reference" and "reference label" in app.overlay_note.value
