@@ -91,24 +91,24 @@ def test_resume_continues_the_same_run(tmp_path):
     from samliver.training import TrainConfig
 
     items = _items(tmp_path)
-    cfg = {"kind": "linear", "batch_size": 4, "warmup": 2, "seed": 0, "eval_every": 3}
-    full = train_head_ddp(SliceDataset(items), config=TrainConfig(steps=6, **cfg),
+    cfg = {"kind": "linear", "batch_size": 4, "warmup": 2, "seed": 0, "eval_every": 2}
+    full = train_head_ddp(SliceDataset(items), config=TrainConfig(steps=4, **cfg),
                           progress=False)
     ckpt = tmp_path / "head.pt"
 
     def crash(step, loss):
-        if step == 5:  # after the checkpoint of step 3, before the final one
+        if step == 3:  # after the checkpoint of step 2, before the final one
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_head_ddp(SliceDataset(items), config=TrainConfig(steps=6, **cfg), checkpoint=ckpt,
+        train_head_ddp(SliceDataset(items), config=TrainConfig(steps=4, **cfg), checkpoint=ckpt,
                        progress=False, on_step=crash)
     from samliver.checkpoints import read_checkpoint
 
-    assert read_checkpoint(ckpt)["step"] == 3
-    resumed = train_head_ddp(SliceDataset(items), config=TrainConfig(steps=6, **cfg),
+    assert read_checkpoint(ckpt)["step"] == 2
+    resumed = train_head_ddp(SliceDataset(items), config=TrainConfig(steps=4, **cfg),
                              resume=ckpt, progress=False)
-    assert resumed.history["step"] == list(range(6))
+    assert resumed.history["step"] == list(range(4))
     np.testing.assert_allclose(resumed.history["loss"], full.history["loss"], rtol=1e-5)
 
 
