@@ -163,4 +163,6 @@ def test_embed_dataset_bad_options(dataset, capsys):
 
     assert cli.main(["embed-dataset", str(dataset), "--margin", "-1"]) == 2
     assert cli.main(["embed-dataset", str(dataset.parent / "missing")]) == 2
+    assert cli.main(["train-dataset", str(dataset), "--test-fraction", "1.5"]) == 2
+    assert cli.main(["train-dataset", str(dataset), "--volumes", "5", "--model", "tiny"]) == 2
     assert "error" in capsys.readouterr().err
