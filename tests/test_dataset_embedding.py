@@ -95,7 +95,7 @@ def home(tmp_path_factory):
 
 def test_killed_rank_resumes_and_shards_are_disjoint(dataset, home, tmp_path):
     """Two ranks; rank 1 is killed (SIGKILL) mid-run; a rerun finishes only what is missing."""
-    import psutil
+    psutil = pytest.importorskip("psutil")  # to find rank 1 among torchrun's children
 
     args = ["embed-dataset", str(dataset), "--model", "tiny", "--slices", "liver", "--margin", "1",
             "--json"]
@@ -163,4 +163,6 @@ def test_embed_dataset_bad_options(dataset, capsys):
 
     assert cli.main(["embed-dataset", str(dataset), "--margin", "-1"]) == 2
     assert cli.main(["embed-dataset", str(dataset.parent / "missing")]) == 2
+    assert cli.main(["train-dataset", str(dataset), "--test-fraction", "1.5"]) == 2
+    assert cli.main(["train-dataset", str(dataset), "--volumes", "5", "--model", "tiny"]) == 2
     assert "error" in capsys.readouterr().err
