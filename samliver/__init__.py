@@ -52,7 +52,10 @@ _API: dict[str, str] = {
     "evaluate_zero_shot": "zero_shot",
     # front
     "overview_figure": "visualization", "save_figure": "visualization",
-    "browse": "widgets", "segment": "widgets", "SliceBrowser": "widgets", "SegmentWidget": "widgets",
+    "Session": "annotate",
+    "browse": "widgets", "segment": "widgets", "annotate": "widgets",
+    "SliceBrowser": "widgets", "SegmentWidget": "widgets", "AnnotateWidget": "widgets",
+    "show_volume": "viewer", "VolumeViewer": "viewer",
 }
 
 __all__ = ["__version__", *_API]
@@ -93,5 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .training_data import slice_tensors
     from .util import SamliverError, notebook_setup
     from .visualization import overview_figure, save_figure
-    from .widgets import SegmentWidget, SliceBrowser, browse, segment
+    from .annotate import Session
+    from .viewer import VolumeViewer, show_volume
+    from .widgets import AnnotateWidget, SegmentWidget, SliceBrowser, annotate, browse, segment
     from .zero_shot import evaluate_zero_shot

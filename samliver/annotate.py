@@ -42,7 +42,7 @@ RANGE_MARGIN = 2
 UNLABELLED, PREDICTED, CONFIRMED = 0, 1, 2
 
 
-def annotation_train_config(seed: int = 0, steps: int = 50) -> Any:
+def annotation_train_config(seed: int = 0, steps: int | None = None, fast: bool | None = False) -> Any:
     """The training recipe of the loop: the demo's cnn head (refinement at 128 px), fewer steps.
 
     Why: a retrain must stay under ~30 s on a 2-core CPU so that the user waits for it; the
@@ -53,16 +53,18 @@ def annotation_train_config(seed: int = 0, steps: int = 50) -> Any:
 
     Args:
         seed: the training seed.
-        steps: optimisation steps (default 50: about 21 s at the measured step cost on a
-            lightly loaded 2-core CPU; see docs/annotation_loop.md).
+        steps: optimisation steps (default: the recipe's 50, about 21 s at the measured step
+            cost on a lightly loaded 2-core CPU; see docs/annotation_loop.md).
+        fast: the recipe's ``SAMLIVER_FAST`` variant (None: when ``SAMLIVER_FAST`` is set).
 
     Returns:
         A ``TrainConfig``.
     """
     from .training import recipe
 
-    # one evaluation, at the end: nothing is held out anyway
-    return recipe("loop", fast=False, steps=int(steps), seed=int(seed), eval_every=int(steps))
+    config = recipe("loop", fast=fast, steps=steps, seed=int(seed))
+    config.eval_every = config.steps  # one evaluation, at the end: nothing is held out anyway
+    return config
 
 
 def box_from_click(hu_slice: np.ndarray, x: float, y: float, *, tolerance_hu: float = 20.0,

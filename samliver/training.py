@@ -74,7 +74,7 @@ def recipe(name: str = "default", *, fast: bool | None = None, **overrides: Any)
     Args:
         name: ``"default"`` (the demo's and the annotation loop's head) or a head kind
             (``"linear"``, ``"cnn"``, ``"vit"``, ``"autosam"``).
-        fast: use the recipe's shortened ``fast_steps`` (default: ``SAMLIVER_FAST`` is set).
+        fast: use the recipe's ``fast`` variant (default: when ``SAMLIVER_FAST`` is set).
         **overrides: ``TrainConfig`` fields to change; ``steps=None`` keeps the recipe's.
 
     Returns:
@@ -85,9 +85,9 @@ def recipe(name: str = "default", *, fast: bool | None = None, **overrides: Any)
     """
     if name not in RECIPES:
         raise SamliverError(f"Unknown training recipe {name!r}; choose one of {', '.join(RECIPES)}.")
-    fields = {k: copy.deepcopy(v) for k, v in RECIPES[name].items() if k != "fast_steps"}
+    fields = {k: copy.deepcopy(v) for k, v in RECIPES[name].items() if k != "fast"}
     if fast_mode() if fast is None else fast:
-        fields["steps"] = RECIPES[name]["fast_steps"]
+        fields.update(copy.deepcopy(RECIPES[name].get("fast", {})))
     fields.update({k: v for k, v in overrides.items() if not (k == "steps" and v is None)})
     try:
         return TrainConfig(**fields)

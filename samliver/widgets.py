@@ -336,10 +336,8 @@ def strip_html(states: np.ndarray, current: int | None = None, suggested: list[i
 
 
 def loop_config(fast: bool | None = None) -> Any:
-    """The head recipe of the widgets' loop: the session's (:func:`samliver.annotate.annotation_train_config`), or in
-    FAST mode (``SAMLIVER_FAST=1``, CI and browser tests) a linear head for 30 steps at a
-    learning rate of 3e-2 (on two sample slices it reached liver Dice 0.90 where the linear
-    default of 3e-3 reached 0.49 in those 30 steps).
+    """The head recipe of the widgets' loop: the ``loop`` recipe (``config.RECIPES``), whose
+    ``SAMLIVER_FAST`` variant (CI, browser tests) is a linear head for 30 steps.
 
     Args:
         fast: force FAST (True) or full (False); default: :func:`samliver.util.fast_mode`.
@@ -349,11 +347,7 @@ def loop_config(fast: bool | None = None) -> Any:
     """
     from .annotate import annotation_train_config
 
-    config = annotation_train_config()
-    if fast_mode() if fast is None else fast:
-        config.kind, config.steps, config.eval_every, config.head_options = "linear", 30, 30, {}
-        config.lr, config.warmup = 3e-2, 5
-    return config
+    return annotation_train_config(fast=fast)
 
 
 def _set_disabled(buttons, disabled: bool) -> None:

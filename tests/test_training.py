@@ -180,13 +180,15 @@ def test_recipes_come_from_one_place(monkeypatch):
     spec = RECIPES["default"]
     assert (cfg.kind, cfg.steps, cfg.batch_size, cfg.lr) == (spec["kind"], spec["steps"], spec["batch_size"], spec["lr"])
     assert cfg.head_options == {"refine_size": 128}
-    assert training.recipe("default", fast=True).steps == spec["fast_steps"] < cfg.steps
+    assert training.recipe("default", fast=True).steps == spec["fast"]["steps"] < cfg.steps
     monkeypatch.setenv("SAMLIVER_FAST", "1")
-    assert training.recipe("cnn").steps == RECIPES["cnn"]["fast_steps"]
+    assert training.recipe("cnn").steps == RECIPES["cnn"]["fast"]["steps"]
     assert training.recipe("cnn", steps=7, seed=3).steps == 7
-    assert training.recipe("cnn", steps=None).steps == RECIPES["cnn"]["fast_steps"]
+    assert training.recipe("cnn", steps=None).steps == RECIPES["cnn"]["fast"]["steps"]
     cfg.head_options["refine_size"] = 1  # a copy: the table itself never changes
     assert RECIPES["default"]["head_options"] == {"refine_size": 128}
+    loop_fast = training.recipe("loop", fast=True)  # a variant may change more than the steps
+    assert (loop_fast.kind, loop_fast.steps) == ("linear", 30) and training.recipe("loop", fast=False).kind == "cnn"
     with pytest.raises(SamliverError, match="Unknown training recipe"):
         training.recipe("resnet")
     with pytest.raises(SamliverError, match="Bad training setting"):

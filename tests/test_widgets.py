@@ -283,7 +283,9 @@ def test_slice_rgb_outlines_the_prediction_and_fills_the_label():
 
 
 def test_annotate_loop_train_suggest_confirm_save(loop, small_phantom, tmp_path):
-    states = lambda: loop.session.slice_states().tolist()
+    def states():
+        return loop.session.slice_states().tolist()
+
     loop.train()
     assert "No confirmed slice" in loop.status.value
     for z in (4, 8, 12):
