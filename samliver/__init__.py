@@ -76,6 +76,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .annotate import Session
     from .checkpoints import load_head, model_info, save_checkpoint
     from .config import DEFAULT_MODEL, DEFAULT_WINDOW, HEAD_KINDS
     from .datasets import protocol_split
@@ -95,8 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .training import TrainConfig, recipe, train_head
     from .training_data import slice_tensors
     from .util import SamliverError, notebook_setup
-    from .visualization import overview_figure, save_figure
-    from .annotate import Session
     from .viewer import VolumeViewer, show_volume
+    from .visualization import overview_figure, save_figure
     from .widgets import AnnotateWidget, SegmentWidget, SliceBrowser, annotate, browse, segment
     from .zero_shot import evaluate_zero_shot
