@@ -487,6 +487,24 @@ def load_volume(
     return CTVolume(hu=hu, spacing=spacing, affine=affine, label=label, source=str(path), meta=meta)
 
 
+def nifti_affine(volume: CTVolume) -> np.ndarray:
+    """The NIfTI (x, y, z)-index affine of a volume whose source is not NIfTI (DICOM, MRC, arrays).
+
+    Its world affine when it has one, else unit (or spacing-sized) voxels in L, P, I: the
+    geometry :func:`save_label_nifti` writes such a volume's labels in, so a CT written with it
+    lines up with them in any viewer.
+
+    Args:
+        volume: the volume.
+
+    Returns:
+        A 4x4 float64 affine for data transposed to (x, y, z).
+    """
+    if volume.affine is not None:
+        return _zyx_to_xyz_affine(np.asarray(volume.affine, dtype=np.float64))
+    return _zyx_to_xyz_affine(default_affine_zyx(volume.spacing))
+
+
 def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.PathLike) -> Path:
     """Write a ``(z, y, x)`` label as uint8 NIfTI in ``volume``'s source geometry (atomically).
 
@@ -521,11 +539,7 @@ def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.Pat
         img.set_sform(sform, code=scode)
         img.header.set_xyzt_units(*meta["xyzt_units"])
     else:
-        if volume.affine is not None:
-            affine_zyx = np.asarray(volume.affine, dtype=np.float64)
-        else:
-            affine_zyx = default_affine_zyx(volume.spacing)
-        img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), _zyx_to_xyz_affine(affine_zyx))
+        img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), nifti_affine(volume))
         # unknown spacing stays unknown: unit voxels without a unit, as load_volume reads back
         img.header.set_xyzt_units("mm" if volume.spacing is not None else "unknown")
     img.header.set_data_dtype(np.uint8)

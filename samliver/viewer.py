@@ -89,16 +89,6 @@ def legend_html(layers: dict[str, bool]) -> str:
     return "<div style='line-height:1.8'><b>legend</b>" + "".join(rows) + "</div>"
 
 
-def _affine_xyz(volume: Any) -> np.ndarray:
-    """The (x, y, z)-index affine that :func:`samliver.io.save_label_nifti` gives a label of a
-    volume whose source is not NIfTI: its world affine, or unit-or-spacing voxels (L, P, I)."""
-    swap = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-    if getattr(volume, "affine", None) is not None:
-        return np.asarray(volume.affine, dtype=np.float64) @ swap
-    sz, sy, sx = volume.spacing if getattr(volume, "spacing", None) is not None else (1.0, 1.0, 1.0)
-    return np.diag([-sx, -sy, -sz, 1.0])
-
-
 def write_ct_nifti(volume: Any, folder: str | Path) -> Path:
     """The CT as a NIfTI file in the geometry its labels are saved in.
 
@@ -115,12 +105,14 @@ def write_ct_nifti(volume: Any, folder: str | Path) -> Path:
     """
     import nibabel as nib
 
+    from .io import nifti_affine
+
     meta = getattr(volume, "meta", None) or {}
     src = Path(meta.get("source_path") or getattr(volume, "source", "") or "")
     if meta.get("format") == "nifti" and "to_canonical" in meta and src.is_file():
         return src
     hu = np.clip(np.rint(np.asarray(volume.hu, dtype=np.float32)), -32768, 32767).astype(np.int16)
-    img = nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), _affine_xyz(volume))
+    img = nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), nifti_affine(volume))
     img.header.set_xyzt_units("mm" if getattr(volume, "spacing", None) is not None else "unknown")
     path = Path(folder) / "ct.nii.gz"
     nib.save(img, str(path))
