@@ -43,7 +43,7 @@ from .checkpoints import (
 )
 from .heads import build_head
 from .losses import IGNORE
-from .training import TrainConfig, TrainResult, lr_factor
+from .training import TrainConfig, TrainResult, lr_factor, restore_optimizer
 from .training_data import augment_batch
 from .util import SamliverError
 
@@ -388,11 +388,7 @@ def train_head_ddp(dataset: SliceDataset, *, config: TrainConfig | None = None, 
                      "best_step": 0, "best_score": -1.0, "world_size": env.world_size}
     start = 0
     if resume_ckpt is not None:
-        if resume_ckpt.get("optimizer"):
-            opt.load_state_dict(resume_ckpt["optimizer"])
-        if resume_ckpt.get("scheduler"):
-            sched.load_state_dict(resume_ckpt["scheduler"])
-        start = int(resume_ckpt.get("step", 0))
+        start = restore_optimizer(resume_ckpt, opt, sched)
         history.update({k: v for k, v in resume_ckpt.get("history", {}).items()
                         if k in ("step", "loss")})
     batch = global_batch(config.batch_size, len(dataset), env.world_size)

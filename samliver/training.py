@@ -130,6 +130,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def restore_optimizer(ckpt: dict, optimizer: Any, scheduler: Any) -> int:
+    """Load the optimizer and scheduler states a head checkpoint holds (when it has them).
+
+    Args:
+        ckpt: a checkpoint read by :func:`samliver.checkpoints.read_checkpoint`.
+        optimizer: the run's optimizer; scheduler: its learning-rate scheduler.
+
+    Returns:
+        The step the checkpointed run had reached (where a resumed run continues).
+    """
+    if ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    return int(ckpt.get("step", 0))
+
+
 def bf16_native(device: str = "cpu") -> bool:
     """Whether ``device`` computes bfloat16 natively (CPU: AVX512-BF16 / AMX; CUDA: Ampere+).
 
@@ -250,11 +267,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
                      "stopped": "steps", "best_step": 0, "best_score": -1.0}
     start = 0
     if resume_ckpt is not None:
-        if resume_ckpt.get("optimizer"):
-            opt.load_state_dict(resume_ckpt["optimizer"])
-        if resume_ckpt.get("scheduler"):
-            sched.load_state_dict(resume_ckpt["scheduler"])
-        start = int(resume_ckpt.get("step", 0))
+        start = restore_optimizer(resume_ckpt, opt, sched)
         history.update({k: v for k, v in resume_ckpt.get("history", {}).items() if k in history})
     best_state = copy.deepcopy(head.state_dict())
     last_good = best_state

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import options
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, encode this rank's share, print the summary on rank 0."""
     from ..datasets import SLICE_MODES
-    from ..preprocess import parse_window_arg
     from ..util import check_number
 
     p = argparse.ArgumentParser(
@@ -23,21 +24,18 @@ def main(argv: list[str] | None = None) -> int:
                     "slices are skipped, so rerunning resumes.")
     p.add_argument("dataset", help="MSD task folder (dataset.json, imagesTr/, labelsTr/), LiTS "
                                    "folder or images/ + labels/ folder")
-    p.add_argument("--model", default="litemedsam")
-    p.add_argument("--checkpoint", default=None, help="weights file (default: the model's own)")
+    options.add_model(p)
     p.add_argument("--slices", default="all", choices=SLICE_MODES,
                    help="all slices (default), or the liver's z-range from the label +- --margin")
     p.add_argument("--margin", type=int, default=5,
                    help="slices each side of the liver range with --slices liver (default 5)")
-    p.add_argument("--window", default="abdomen", help="HU window name or lo,hi")
+    options.add_window(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per encoder call (default: 1 on CPU, 16 on GPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); "
-                                                  "under torchrun each rank takes GPU LOCAL_RANK")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON (rank 0)")
+    options.add_json(p, "the summary (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    window = parse_window_arg(args.window)
+    window = args.window
     check_number("--margin", args.margin, minimum=0)
     if args.batch_size is not None:
         check_number("--batch-size", args.batch_size, minimum=1)

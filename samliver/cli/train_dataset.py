@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import options
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, train (every rank), print the summary on rank 0."""
     from ..config import HEAD_KINDS
-    from ..preprocess import parse_window_arg
     from ..util import SamliverError, check_number, check_output_path
 
     p = argparse.ArgumentParser(
@@ -40,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", default="flip", choices=["none", "flip", "flip+rot"])
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (rank 0)")
     p.add_argument("--seed", type=int, default=0, help="split, slice choice, init and data order")
-    p.add_argument("--model", default="litemedsam")
-    p.add_argument("--checkpoint", help="model weights file (SAM / MedSAM)")
-    p.add_argument("--window", default="abdomen", help="HU window name or lo,hi")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    options.add_model(p)
+    options.add_window(p)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes per rank")
     p.add_argument("--no-eval", action="store_true", help="train only; do not score the test volumes")
     p.add_argument("--resume", help="continue from this head checkpoint (same options)")
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--lr", args.lr, positive=True, maximum=10)
     if not 0 < args.test_fraction < 1:
         raise SamliverError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}.")
-    window = parse_window_arg(args.window)
+    window = args.window
     out = check_output_path(args.output, inputs=(args.checkpoint,), overwrite=True, what="-o")
 
     from ..dataset_embedding import labelled_cases, split_cases, train_on_dataset
