@@ -166,7 +166,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                 seeds: list[int] | None = None, heads: list[str] | None = None,
                 baselines: list[str] | None = None, modes: list[str] | None = None,
                 steps: int | None = None, jitter: float = 0.0, command: str | None = None,
-                note: str | None = None, progress: bool = True,
+                note: str | None = None, volume_name: str | None = None, progress: bool = True,
                 log: Callable[[str], None] | None = None) -> dict:
     """Compute the records of ``section`` that ``results_dir`` does not hold yet, and store them.
 
@@ -189,6 +189,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
         jitter: box jitter in pixels for ``zeroshot`` (default 0: tight boxes).
         command: the command line to store with the run (default: a Python call).
         note: free text stored with the run (e.g. that the machine was shared).
+        volume_name: how the run names the volume (default: the file name of its source).
         progress: show progress bars.
         log: called with one line per measurement started (default: nothing).
 
@@ -229,7 +230,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
     run_id = uuid.uuid4().hex[:12]
     info = {"run_id": run_id, "section": section, "command": command or f"samliver.results.run_section({section!r}, ...)",
             "commit": git_commit(), "machine": machine_info(), "started": _now(), "note": note,
-            "volume": str(volume.source), "model": model.name,
+            "volume": volume_name or Path(str(volume.source)).name, "model": model.name,
             "backend": f"{getattr(model, 'backend', '?')}/{getattr(model, 'precision', '?')}"}
     t0 = time.perf_counter()
     fast = fast_mode()

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                protocols=protocols, ks=ks, seeds=seeds, heads=_names(args.heads),
                                baselines=_names(args.baselines), modes=_names(args.modes) or None,
                                steps=args.steps, jitter=args.jitter, command=command_line(argv),
-                               note=args.note, progress=not args.quiet,
+                               note=args.note, volume_name=args.volume, progress=not args.quiet,
                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
             print(f"{section}: {info['n_new']} new records, {info['n_skipped']} already stored, "
                   f"{info['wall_s']:.0f} s")
