@@ -406,13 +406,17 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
         "- options choose what a run covers: `--protocol`, `--k`, `--seeds`, `--heads`, "
         "`--baselines`, `--steps` (see `samliver results --help`).",
         "",
-        f"Built {_now()}, commit {git_commit() or 'unknown'}. All figures come from one real "
-        "LiTS case (the sample, 128³ around the liver, spacing unknown) with the two sample "
-        "protocols of docs/design.md; they show how the method behaves and how to measure it, "
-        "not how it generalises. Timings depend on the machine's load: each run's load average "
-        "at its start is listed with it.",
+        f"Built {_now()}, commit {git_commit() or 'unknown'}. Timings depend on the machine's "
+        "load: each run's load average at its start is listed with it.",
         "",
     ]
+    volumes = sorted({str(r.get("volume")) for r in runs})
+    if volumes == ["sample"]:
+        out[-2] += (" All figures come from one real LiTS case (the sample, 128³ around the liver, "
+                    "spacing unknown) with the two sample protocols of docs/design.md: they show "
+                    "how the method behaves and how to measure it, not how it generalises.")
+    elif volumes:
+        out[-2] += f" Volumes: {', '.join(volumes)}."
     for section, title in SECTIONS.items():
         records = read_jsonl(results_dir / f"{section}.jsonl")
         out += [f"## {title}", ""]
