@@ -257,12 +257,13 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                     if not todo:
                         continue
                     test = protocol_split(volume.label, protocol, k=k)[1]
-                    say(f"zeroshot {protocol} K={k} seed {seed}: {', '.join(todo)}")
-                    rows = evaluate_zero_shot(volume, model, test, modes=todo, progress=progress,
-                                              jitter=jitter, seed=seed)
-                    for row in rows:
-                        store({**base, **row, "protocol": protocol, "k": k, "seed": seed,
-                               "jitter": float(jitter), "test_slices": [test[0], test[-1]]})
+                    for mode in todo:  # one mode per call, so each is stored when it finishes
+                        say(f"zeroshot {protocol} K={k} seed {seed}: {mode}")
+                        rows = evaluate_zero_shot(volume, model, test, modes=[mode], progress=progress,
+                                                  jitter=jitter, seed=seed)
+                        for row in rows:
+                            store({**base, **row, "protocol": protocol, "k": k, "seed": seed,
+                                   "jitter": float(jitter), "test_slices": [test[0], test[-1]]})
             else:
                 emb = None  # embedded once per split, only if something is left to run
                 for method in heads + baselines:
