@@ -17,6 +17,7 @@ written atomically (temporary file, then rename), records included.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -26,7 +27,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -106,13 +107,33 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def append_jsonl(path: str | os.PathLike, items: list[dict]) -> None:
     """Append ``items`` to a JSON-lines file, rewriting it atomically (the files are small).
 
-    A crash leaves either the old file or the new one, never a half-written line.
+    A crash leaves either the old file or the new one, never a half-written line. Runs in
+    parallel (e.g. one process per protocol) take turns: the read-and-rewrite holds a lock on
+    the folder, so no process drops another's line.
     """
     path = Path(path)
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    atomic_write_text(path, old + "".join(json.dumps(i, sort_keys=True) + "\n" for i in items))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        old = path.read_text() if path.exists() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        atomic_write_text(path, old + "".join(json.dumps(i, sort_keys=True) + "\n" for i in items))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder`` itself (no lock file is left behind); none on Windows."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, runs must not overlap
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def record_key(section: str, record: dict) -> tuple:
