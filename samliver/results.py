@@ -445,7 +445,14 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
         if not records:
             out += [f"No stored records: `samliver results --run {section}` computes them.", ""]
             continue
-        out += [_INTRO[section], "", "Runs that made these records:", ""]
+        what = "mode" if section == "zeroshot" else "method"
+
+        seen = {f: ", ".join(sorted({str(r.get(f)) for r in records})) for f in ("protocol", "k", what, "seed")}
+        out += [_INTRO[section], "",
+                f"Stored: {len(records)} records; protocols {seen['protocol']}; K {seen['k']}; "
+                f"{what}s {seen[what]}; seeds {seen['seed']}. Anything else (other K, "
+                f"{what}s or seeds) was not run by this command.", "",
+                "Runs that made these records:", ""]
         ids = {r.get("run_id") for r in records}
         out += _runs_table([r for r in runs if r.get("run_id") in ids and r.get("section") == section])
         out += ["", *_TABLES[section](records), ""]
