@@ -432,6 +432,11 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
         "load: each run's load average at its start is listed with it.",
         "",
     ]
+    machines = sorted({f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores"
+                       + (f", {m['gpu']}" if m.get("gpu") else "") + f", torch {m.get('torch', '?')})"
+                       for m in (r.get("machine") or {} for r in runs)})
+    if machines:
+        out[-2] += f" Measured on {'; '.join(machines)}."
     volumes = sorted({str(r.get("volume")) for r in runs})
     if volumes == ["sample"]:
         out[-2] += (" All figures come from one real LiTS case (the sample, 128³ around the liver, "
