@@ -120,6 +120,15 @@ def append_jsonl(path: str | os.PathLike, items: list[dict]) -> None:
         atomic_write_text(path, old + "".join(json.dumps(i, sort_keys=True) + "\n" for i in items))
 
 
+def upsert_jsonl(path: str | os.PathLike, item: dict, key: str) -> None:
+    """Replace the line whose ``key`` equals ``item[key]`` by ``item``, or append it (atomically, locked)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        items = [i for i in read_jsonl(path) if i.get(key) != item[key]] + [item]
+        atomic_write_text(path, "".join(json.dumps(i, sort_keys=True) + "\n" for i in items))
+
+
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``folder`` itself (no lock file is left behind); none on Windows."""
@@ -216,7 +225,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
 
     Returns:
         The run's description as stored in ``runs.jsonl``: ``run_id, section, command, commit,
-        machine, started, wall_s, n_new, n_skipped``.
+        machine, started, wall_s, n_new, n_skipped, finished``.
 
     Raises:
         SamliverError: an unknown section, protocol, head, baseline or mode, or a volume
@@ -263,6 +272,11 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
         append_jsonl(path, [rec])
         done.add(record_key(section, rec))
         n_new += 1
+        # The run's description is stored with its first record and kept up to date, so the
+        # records of a run that is interrupted still say which command and machine made them.
+        info.update(wall_s=round(time.perf_counter() - t0, 1), n_new=n_new, n_skipped=n_skipped,
+                    finished=False)
+        upsert_jsonl(results_dir / RUNS_FILE, info, "run_id")
 
     from .datasets import protocol_split
     from .embeddings import embed_volume
@@ -306,9 +320,10 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                                           steps=steps, progress=False)
                         for rec in recs:
                             store({**rec, **key, "method": rec["method"]})
-    info.update(wall_s=round(time.perf_counter() - t0, 1), n_new=n_new, n_skipped=n_skipped)
+    info.update(wall_s=round(time.perf_counter() - t0, 1), n_new=n_new, n_skipped=n_skipped,
+                finished=True)
     if n_new:
-        append_jsonl(results_dir / RUNS_FILE, [info])
+        upsert_jsonl(results_dir / RUNS_FILE, info, "run_id")
     return info
 
 
@@ -335,6 +350,8 @@ def _runs_table(runs: list[dict]) -> list[str]:
         machine += f", torch {m.get('torch', '?')}, encoder {r.get('backend', '?')}"
         machine += f", load {m['load_1min']} at start" if m.get("load_1min") is not None else ""
         wall = f"{r.get('wall_s', 0):.0f} s" if r.get("wall_s") is not None else "?"
+        if r.get("finished") is False:
+            wall += " (interrupted; until its last record)"
         lines.append(f"| {r.get('started', '?')} | `{cmd}` | {r.get('commit') or '?'} | {machine} | "
                      f"{wall} | {r.get('note') or ''} |")
     return lines

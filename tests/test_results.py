@@ -114,3 +114,32 @@ def test_damaged_record_line_is_named(tmp_path):
     (tmp_path / "heads.jsonl").write_text('{"method": "cnn"}\n{not json\n')
     with pytest.raises(SamliverError, match=r"heads.jsonl:2 is not a JSON line"):
         results.read_jsonl(tmp_path / "heads.jsonl")
+
+
+def test_an_interrupted_run_keeps_its_records_and_description(tiny, tmp_path, monkeypatch):
+    from samliver import experiment
+
+    volume, model = tiny
+    calls = []
+
+    def fake_run_slices(volume, model, emb, *, protocol, ks, heads, baselines, seeds, **kw):
+        calls.append(seeds[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run during its second measurement
+        return [{"method": heads[0], "protocol": protocol, "k": ks[0], "seed": seeds[0],
+                 "liver_dice": 0.9, "tumour_dice": 0.6, "n_test": 14, "seconds": 1.0}]
+
+    monkeypatch.setattr(experiment, "run_slices", fake_run_slices)
+    rdir = tmp_path / "results"
+    with pytest.raises(KeyboardInterrupt):
+        results.run_section("heads", volume, model, results_dir=rdir, protocols=["sparse"], ks=[2],
+                            heads=["cnn"], seeds=[0, 1], command="samliver results --run heads", progress=False)
+    (run,) = results.read_jsonl(rdir / "runs.jsonl")
+    assert run["finished"] is False and run["n_new"] == 1 and run["command"] == "samliver results --run heads"
+    assert len(results.read_jsonl(rdir / "heads.jsonl")) == 1
+    assert "(interrupted; until its last record)" in results.build_markdown(rdir)
+    calls.clear()
+    info = results.run_section("heads", volume, model, results_dir=rdir, protocols=["sparse"], ks=[2],
+                               heads=["cnn"], seeds=[0, 1], progress=False)
+    assert calls == [1] and info["finished"] and info["n_skipped"] == 1  # resumed where it stopped
+    assert len(results.read_jsonl(rdir / "runs.jsonl")) == 2
