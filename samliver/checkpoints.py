@@ -45,7 +45,21 @@ def model_info(model: SamModel, embeddings: VolumeEmbeddings | None = None, *, w
 def save_checkpoint(path: str | Path, head: torch.nn.Module, *, config: Any,
                     model_info: dict | None = None, history: dict | None = None,
                     optimizer: Any = None, scheduler: Any = None, step: int = 0) -> Path:
-    """Write a head checkpoint atomically (state, kind, options, config, model identity)."""
+    """Write a head checkpoint atomically (state, kind, options, config, model identity).
+
+    Args:
+        path: the checkpoint file to write.
+        head: the trained :class:`samliver.heads.Head`.
+        config: the ``TrainConfig`` it was trained with.
+        model_info: the encoder identity, from :func:`model_info` (never built by hand).
+        history: training curves and timings.
+        optimizer: optimiser whose state is stored to resume training.
+        scheduler: learning-rate scheduler stored with it.
+        step: the training step reached.
+
+    Returns:
+        ``path``.
+    """
     info = dict(model_info or {})
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -121,7 +135,22 @@ def head_options(ckpt: dict) -> dict:
 
 def load_head(path: str | Path, model: SamModel | None = None, *, device: str | None = None,
               embedding_shape: tuple | None = None) -> torch.nn.Module:
-    """Load a trained head; refuses a checkpoint made for another model or embedding shape."""
+    """Load a trained head; refuses a checkpoint made for another model or embedding shape.
+
+    Args:
+        path: a checkpoint written by :func:`save_checkpoint` (``samliver train``).
+        model: the model the head will run on; checked against the checkpoint's model name,
+            weights and embedding shape (and the source of the ``autosam`` decoder).
+        device: where to put the head (default: the best available).
+        embedding_shape: ``(C, h, w)`` to check when no model is given.
+
+    Returns:
+        The head in eval mode, with ``checkpoint_info`` set.
+
+    Raises:
+        SamliverError: a missing or unreadable file, not a samliver checkpoint, or one trained
+            for another model, weights or embedding shape.
+    """
     ckpt = read_checkpoint(path)
     check_compatible(ckpt, model=model, embedding_shape=embedding_shape, source=str(path))
     opts = head_options(ckpt)

@@ -130,6 +130,16 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice coefficient 2|P & G| / (|P| + |G|) of two masks (cast to bool).
 
     Both empty gives 1.0 (nothing to find, nothing found); exactly one empty gives 0.0.
+
+    Args:
+        pred: predicted mask.
+        gt: reference mask of the same shape.
+
+    Returns:
+        Dice in [0, 1].
+
+    Raises:
+        SamliverError: the shapes differ.
     """
     p, g = _pair(pred, gt)
     s = int(p.sum()) + int(g.sum())
@@ -356,11 +366,22 @@ def evaluate_volume(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Seque
     liver = label >= 1 and tumour = label == 2; any other class c is ``label == c`` under
     the key ``class<c>``). ``distances=False`` skips the surface distances (the slow part).
 
-    Returns a flat dict: ``<cls>_dice, _jaccard, _voe, _rvd, _assd, _msd, _hd95,
-    _n_pred_voxels, _n_gt_voxels`` per class, for the tumour class also ``tumour_n_gt,
-    tumour_n_pred, tumour_tp, tumour_fp, tumour_fn, tumour_precision, tumour_recall,
-    tumour_f1`` from :func:`lesion_detection`, and ``distance_unit`` ("mm" or "voxels").
-    Values are Python floats / ints (nan where undefined; see the module docstring).
+    Args:
+        pred_label: predicted labels.
+        gt_label: reference labels, the same shape.
+        spacing: voxel size in mm, or None.
+        classes: the classes to score.
+        distances: compute the surface distances.
+
+    Returns:
+        A flat dict: ``<cls>_dice, _jaccard, _voe, _rvd, _assd, _msd, _hd95,
+        _n_pred_voxels, _n_gt_voxels`` per class, for the tumour class also ``tumour_n_gt,
+        tumour_n_pred, tumour_tp, tumour_fp, tumour_fn, tumour_precision, tumour_recall,
+        tumour_f1`` from :func:`lesion_detection`, and ``distance_unit`` ("mm" or "voxels").
+        Values are Python floats / ints (nan where undefined; see the module docstring).
+
+    Raises:
+        SamliverError: shapes that differ, or arrays that are neither 2D nor 3D.
     """
     pred, gt = np.asarray(pred_label), np.asarray(gt_label)
     if pred.shape != gt.shape:

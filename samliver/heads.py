@@ -352,6 +352,19 @@ def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: SamMo
     256x256 output. ``options`` go to the head class (e.g. ``use_image=False``, ``width``,
     ``depth``, ``train_parts``). The returned module has ``.kind``, ``.uses_image`` and
     ``.options`` (what a checkpoint stores to rebuild it).
+
+    Args:
+        kind: one of :data:`samliver.config.HEAD_KINDS`.
+        embed_dim: embedding channels when no ``model`` is given.
+        n_classes: output classes (3: background, liver, tumour).
+        model: the model whose embeddings the head reads (recommended).
+        **options: head-specific options.
+
+    Returns:
+        An untrained :class:`Head`.
+
+    Raises:
+        SamliverError: an unknown kind, or an embedding size the kind cannot take.
     """
     if kind not in HEAD_KINDS:
         raise SamliverError(f"Unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}.")

@@ -64,6 +64,24 @@ def predict_volume(volume: CTVolume, model: SamModel, head: Head, *, embeddings:
     With a subset of ``slices``, post-processing sees only the predicted slices, stacked in
     order: the empty slices between them (e.g. the labelled ones) would otherwise cut the liver
     into slabs and "largest 3D component" would drop all but one slab.
+
+    Args:
+        volume: the CT volume to segment.
+        model: the model the head was trained for.
+        head: a trained head (:func:`samliver.load_head` or ``train_head(...).head``).
+        embeddings: cached embeddings to reuse (default: from the cache, computed if missing).
+        slices: axial slices to predict (default all).
+        postprocess_label: apply :func:`samliver.postprocess.postprocess`.
+        batch_size: slices per forward pass.
+        progress: show progress bars.
+        tta: average with the left-right flipped input.
+        min_lesion_size: smallest lesion kept, in voxels.
+
+    Returns:
+        The label volume, shaped like ``volume.hu``.
+
+    Raises:
+        SamliverError: the head was trained for another model's embeddings.
     """
     if slices is not None:
         slices = sorted({int(z) for z in slices})

@@ -33,12 +33,13 @@ HU_RANGE = (-32768, 65535)
 class CTVolume:
     """A CT scan as plain arrays.
 
-    hu: float32 ``(z, y, x)`` Hounsfield units, axis 0 axial.
-    spacing: ``(z, y, x)`` voxel size in mm, or ``None`` when the source does not record it.
-    affine: 4x4 mapping ``(z, y, x, 1)`` voxel indices to world mm, or ``None`` if unknown.
-    label: uint8 ``(z, y, x)`` with 0 background, 1 liver, 2 tumour, or ``None``.
-    source: where it was read from.
-    meta: what the writer needs to put a label back into the source geometry.
+    Attributes:
+        hu: float32 ``(z, y, x)`` Hounsfield units, axis 0 axial.
+        spacing: ``(z, y, x)`` voxel size in mm, or ``None`` when the source does not record it.
+        affine: 4x4 mapping ``(z, y, x, 1)`` voxel indices to world mm, or ``None`` if unknown.
+        label: uint8 ``(z, y, x)`` with 0 background, 1 liver, 2 tumour, or ``None``.
+        source: where it was read from.
+        meta: what the writer needs to put a label back into the source geometry.
     """
 
     hu: np.ndarray
@@ -456,8 +457,20 @@ def load_volume(
 ) -> CTVolume:
     """Load a CT volume from a NIfTI file, a DICOM series folder or an .mrc file.
 
-    ``label_path``: optional label volume (same formats) with values 0/1/2, same shape.
-    ``series_uid``: which DICOM series to read when the folder holds several.
+    Args:
+        path: a ``.nii``/``.nii.gz`` file (reoriented so axis 0 is axial), a DICOM series
+            folder or one ``.dcm`` file of the series, or an ``.mrc`` file.
+        label_path: optional label volume (same formats) with values 0/1/2 and the same shape
+            and geometry.
+        series_uid: which DICOM series to read when the folder holds several.
+
+    Returns:
+        A :class:`CTVolume` in HU (float32, ``(z, y, x)``), with ``label`` when one was given.
+
+    Raises:
+        SamliverError: an unreadable or unsupported file, values that are not HU (NaN, outside
+            the 16-bit range), an irregular DICOM series, or a label of another shape, geometry
+            or value set. The message says what to do.
     """
     path = Path(path).expanduser()
     hu, spacing, affine, meta = _read_any(path, series_uid, np.float32)
@@ -510,6 +523,17 @@ def save_label_nifti(label_zyx: np.ndarray, volume: CTVolume, path: str | os.Pat
 
     NIfTI sources get back their exact shape, axis order, affine and q/s-form; other sources
     get the world affine of the volume (unit voxels when it has none).
+
+    Args:
+        label_zyx: labels 0 background, 1 liver, 2 tumour, shaped like ``volume.hu``.
+        volume: the volume the label belongs to (its geometry is written).
+        path: the output, ending in ``.nii`` or ``.nii.gz``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        SamliverError: another extension, or a label of the wrong shape or values.
     """
     import nibabel as nib
     from nibabel import orientations as ornt_mod

@@ -609,19 +609,29 @@ def get_model(
 ) -> SamModel:
     """Load a model by name (default ``"litemedsam"``).
 
-    checkpoint: a weights file to use instead of the default (bundled asset for litemedsam,
-        ``$SAMLIVER_HOME/checkpoints/<file>`` from ``download_checkpoint`` for SAM/MedSAM).
-        Default-location files are verified against the registry's hashes; a file passed
-        explicitly must load strictly into the architecture (fine-tuned weights are fine).
-    device: torch device; default CUDA, then MPS, then CPU.
-    num_threads: CPU threads used by ``encode``; default ``$SAMLIVER_THREADS`` if set, else
-        :func:`auto_num_threads` at each call (one per core, or 1 when the machine is oversubscribed).
-    backend: how the encoder runs: ``"auto"`` (default, or ``$SAMLIVER_BACKEND``): OpenVINO on a
-        CPU when installed, else ONNX Runtime, else torch; torch on a GPU. Or ``"torch"``,
-        ``"onnxruntime"``, ``"openvino"`` (:mod:`samliver.backends`).
-    precision: ``"auto"`` (default, or ``$SAMLIVER_PRECISION``) = ``"fp32"``, exact; ``"bf16"``
-        (torch autocast / OpenVINO), ``"fp16"`` (torch on a GPU) or ``"int8"`` (OpenVINO + NNCF)
-        are faster but change the embeddings slightly (``make bench`` reports by how much).
+    Args:
+        name: one of :data:`MODEL_NAMES` (``litemedsam``, ``sam_vit_b/l/h``, ``medsam_vit_b``,
+            ``tiny``).
+        checkpoint: a weights file to use instead of the default (bundled asset for litemedsam,
+            ``$SAMLIVER_HOME/checkpoints/<file>`` from ``download_checkpoint`` for SAM/MedSAM).
+            Default-location files are verified against the registry's hashes; a file passed
+            explicitly must load strictly into the architecture (fine-tuned weights are fine).
+        device: torch device; default CUDA, then MPS, then CPU.
+        num_threads: CPU threads used by ``encode``; default ``$SAMLIVER_THREADS`` if set, else
+            :func:`auto_num_threads` at each call (one per core, or 1 when the machine is oversubscribed).
+        backend: how the encoder runs: ``"auto"`` (default, or ``$SAMLIVER_BACKEND``): OpenVINO on a
+            CPU when installed, else ONNX Runtime, else torch; torch on a GPU. Or ``"torch"``,
+            ``"onnxruntime"``, ``"openvino"`` (:mod:`samliver.backends`).
+        precision: ``"auto"`` (default, or ``$SAMLIVER_PRECISION``) = ``"fp32"``, exact; ``"bf16"``
+            (torch autocast / OpenVINO), ``"fp16"`` (torch on a GPU) or ``"int8"`` (OpenVINO + NNCF)
+            are faster but change the embeddings slightly (``make bench`` reports by how much).
+
+    Returns:
+        A :class:`SamModel` with its encoder ready on ``device``.
+
+    Raises:
+        SamliverError: an unknown name, backend or precision, a bad thread count, or a missing,
+            truncated or wrong checkpoint (the message says how to get the right one).
     """
     if name not in MODEL_NAMES:
         raise SamliverError(f"Unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}.")

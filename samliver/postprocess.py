@@ -31,6 +31,18 @@ def postprocess(label: np.ndarray, *, min_lesion_size: int = MIN_LESION_VOXELS,
     Tumour components smaller than ``min_lesion_size`` voxels (default
     :data:`MIN_LESION_VOXELS` = 10; 0 keeps all) become liver. With ``spacing`` (z,y,x mm) and
     ``min_lesion_ml``, the threshold is a volume in mL instead.
+
+    Args:
+        label: a ``(z, y, x)`` label volume (0 background, 1 liver, 2 tumour).
+        min_lesion_size: smallest tumour component kept, in voxels.
+        spacing: voxel size in mm, for ``min_lesion_ml``.
+        min_lesion_ml: smallest tumour component kept, in mL (needs ``spacing``).
+
+    Returns:
+        A new uint8 label volume.
+
+    Raises:
+        SamliverError: not a 3D label volume.
     """
     label = np.asarray(label).astype(np.uint8)
     if label.ndim != 3:
@@ -64,6 +76,14 @@ def tumour_burden(label: np.ndarray, spacing: tuple[float, float, float] | None 
 
     Volumes are in mL when ``spacing`` (z,y,x mm) is known, else in voxels (``unit`` says
     which). ``tumour_share`` = tumour volume / liver volume (liver includes tumour).
+
+    Args:
+        label: a ``(z, y, x)`` label volume (0 background, 1 liver, 2 tumour).
+        spacing: voxel size in mm (z, y, x), or None (volumes in voxels).
+
+    Returns:
+        ``n_lesions``, ``lesion_volumes`` (largest first), ``tumour_volume``, ``liver_volume``,
+        ``tumour_share`` and ``unit`` (``"mL"`` or ``"voxels"``).
     """
     label = np.asarray(label)
     tumour = label == 2

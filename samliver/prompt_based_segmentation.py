@@ -63,7 +63,15 @@ class Predictor:
 
     # -- image ------------------------------------------------------------------------
     def set_image(self, slice_hu: np.ndarray, window=DEFAULT_WINDOW) -> None:
-        """Encode one (H, W) HU slice with the model (default window ``"abdomen"``)."""
+        """Encode one (H, W) HU slice with the model (default window ``"abdomen"``).
+
+        Args:
+            slice_hu: one axial slice in HU.
+            window: HU window name or ``(lo, hi)``.
+
+        Raises:
+            SamliverError: not a 2D slice.
+        """
         from .preprocess import window_to_unit
 
         img = np.asarray(slice_hu, dtype=np.float32)
@@ -94,7 +102,15 @@ class Predictor:
         self._set_features(arr, original_hw)
 
     def set_slice(self, embeddings, z: int) -> None:
-        """Use slice ``z`` of a :class:`samliver.embeddings.VolumeEmbeddings` (model and weights checked)."""
+        """Use slice ``z`` of a :class:`samliver.embeddings.VolumeEmbeddings` (model and weights checked).
+
+        Args:
+            embeddings: cached embeddings of a volume, from :func:`samliver.embed_volume`.
+            z: the axial slice index; it must be among the embedded slices.
+
+        Raises:
+            SamliverError: the slice is not embedded, or the embeddings come from another model.
+        """
         if embeddings.model_name != self.model.name or embeddings.weights_id != self.model.weights_id:
             raise SamliverError(
                 f"Embeddings from {embeddings.model_name!r} (weights {embeddings.weights_id[:12]}) do not match "
@@ -168,9 +184,17 @@ class Predictor:
         x1, y1 in pixel-edge coordinates (pixel x spans [x, x + 1); see
         :func:`samliver.prompts.box_from_mask`); boxes (M, 4) several boxes at once (one prediction each; points (N, 2) are then
         shared by all boxes, or give per-box points (M, N, 2) with labels (M, N)); mask_input
-        (1, 256, 256) low-res logits from a previous call ((M, 1, 256, 256) with boxes). Returns ``(masks, scores, low_res_logits)``:
-        masks bool (K, H, W) (K = 3 with multimask_output, else 1), or (M, K, H, W) for boxes;
-        scores the predicted IoU per mask; low_res_logits (K, 256, 256) / (M, K, 256, 256).
+        (1, 256, 256) low-res logits from a previous call ((M, 1, 256, 256) with boxes).
+
+        Returns:
+            ``(masks, scores, low_res_logits)``: masks bool (K, H, W) (K = 3 with
+            ``multimask_output``, else 1), or (M, K, H, W) for boxes; scores the predicted IoU
+            per mask; low_res_logits (K, 256, 256) / (M, K, 256, 256). With ``return_logits``
+            the masks are the logits at slice size instead of booleans.
+
+        Raises:
+            SamliverError: no slice set, no prompt, both ``box`` and ``boxes``, prompts of the
+                wrong shape or outside the slice, or a prompt type the model does not take.
         """
         import torch
 

@@ -29,6 +29,14 @@ def box_from_mask(mask, jitter: float = 0.0, rng: np.random.Generator | None = N
     sample.) ``jitter`` (default 0): each side moves by a uniform random amount in
     [-jitter, +jitter] pixels (MedSAM trains with up to 20 px), clipped to the image and kept at
     least one pixel wide. ``rng`` defaults to ``np.random.default_rng(0)`` so runs repeat.
+
+    Args:
+        mask: a 2D mask (cast to bool).
+        jitter: maximum random move of each side, in pixels.
+        rng: random generator for the jitter.
+
+    Returns:
+        ``np.array([x0, y0, x1, y1])`` (float), or ``None`` for an empty mask.
     """
     m = _as_mask(mask)
     ys, xs = np.nonzero(m)

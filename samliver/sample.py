@@ -102,9 +102,17 @@ def _niftis_intact(info: dict, paths: dict[str, Path]) -> bool:
 def fetch_sample(force: bool = False) -> dict:
     """Fetch the sample case into ``$SAMLIVER_HOME/sample`` and return its description.
 
-    Keys: ``image``, ``label`` (NIfTI paths), ``shape`` (z, y, x), ``labels_present``,
-    ``hu_range``, ``spacing`` (None: unknown), ``sha256``, ``source``, ``case_id``.
     Cached: a second call only reads ``sample.json`` unless ``force=True``.
+
+    Args:
+        force: download and convert again even when a valid copy is cached.
+
+    Returns:
+        ``image``, ``label`` (NIfTI paths), ``shape`` (z, y, x), ``labels_present``,
+        ``hu_range``, ``spacing`` (None: unknown), ``sha256``, ``source``, ``case_id``.
+
+    Raises:
+        SamliverError: the download failed or a file does not match its SHA-256.
     """
     from . import io
 
@@ -153,7 +161,15 @@ def fetch_sample(force: bool = False) -> dict:
 
 
 def load_sample() -> "CTVolume":
-    """The real LiTS sample as a CTVolume with label (fetched on first use); spacing None."""
+    """The real LiTS sample as a CTVolume with label (fetched on first use); spacing None.
+
+    Returns:
+        A 128 x 128 x 128 :class:`samliver.io.CTVolume` with labels 0/1/2 and unknown spacing.
+
+    Raises:
+        SamliverError: the sample cannot be fetched or read (the message names
+            ``samliver fetch-sample --force``).
+    """
     from .io import load_volume
 
     info = fetch_sample()

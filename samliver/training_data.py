@@ -26,7 +26,18 @@ def slice_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[i
                   need_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Embeddings, labels and images of ``slices`` in the model-input frame.
 
-    Returns ``(emb (N,C,h,w) float32, labels (N,S,S) int64 or None, images (N,S,S) float32)``.
+    Args:
+        volume: the CT volume (with its label unless ``need_label`` is False).
+        embeddings: its cached embeddings, covering ``slices``.
+        slices: axial slice indices.
+        window: HU window for the images (default: the embeddings' window).
+        need_label: raise when the volume has no label (set False for prediction).
+
+    Returns:
+        ``(emb (N,C,h,w) float32, labels (N,S,S) int64 or None, images (N,S,S) float32)``.
+
+    Raises:
+        SamliverError: ``need_label`` and the volume has no label.
     """
     from .preprocess import window_to_unit
 

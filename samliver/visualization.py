@@ -68,7 +68,16 @@ def overlay_rgb(image_unit: np.ndarray, label: np.ndarray | None, alpha: float =
 
 
 def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save ``fig`` to ``path`` atomically (format from the extension)."""
+    """Save ``fig`` to ``path`` atomically (format from the extension).
+
+    Args:
+        fig: a matplotlib ``Figure`` (from this module; never pyplot state).
+        path: the output file (``.png``, ``.pdf``, ``.svg`` ...); its folder is created.
+        dpi: resolution of raster formats.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
@@ -102,6 +111,17 @@ def overview_figure(
     Default slices: axial through the largest tumour cross-section, coronal and sagittal
     through the liver's centre (``index=(z, y, x)`` to choose). Axes are in mm when the
     spacing is known, else in voxels (and the title says so). Saves to ``path`` if given.
+
+    Args:
+        volume: the CT volume (its label, if any, is overlaid).
+        path: also save the figure there.
+        window: HU window name or ``(lo, hi)``.
+        index: ``(z, y, x)`` of the three planes.
+        alpha: opacity of the label overlay.
+        title: what the title names the volume by (default: its file name).
+
+    Returns:
+        The matplotlib ``Figure``.
     """
     from matplotlib.figure import Figure
 

@@ -163,9 +163,27 @@ def evaluate_zero_shot(
     """Evaluate prompted ``model`` on ``slices`` of ``volume`` (a CTVolume with a label).
 
     Defaults: all :data:`MODES`, embeddings from the cache (computed if missing) with the
-    ``"abdomen"`` window, 3 corrective clicks, tight boxes (``jitter=0`` px), seed 0. Returns one
-    dict per mode: ``mode, liver_dice, tumour_dice`` (``None`` where the mode does not prompt that
-    structure), ``n_slices, n_prompts, ms_per_prompt, seconds``.
+    ``"abdomen"`` window, 3 corrective clicks, tight boxes (``jitter=0`` px), seed 0.
+
+    Args:
+        volume: the CT volume, with its reference label (the prompts are placed from it).
+        model: the prompted model.
+        slices: axial slices to evaluate (Dice over them as one 3D region).
+        modes: prompt modes, from :data:`MODES` (default all).
+        embeddings: cached embeddings to reuse (default: from the cache, computed if missing).
+        progress: show progress bars.
+        window: HU window for encoding.
+        clicks: corrective clicks per prompt in ``corrective_clicks``.
+        jitter: random box noise in pixels.
+        seed: seed of the jitter.
+
+    Returns:
+        One dict per mode: ``mode, liver_dice, tumour_dice`` (``None`` where the mode does not
+        prompt that structure), ``n_slices, n_prompts, ms_per_prompt, seconds, model, clicks,
+        jitter``.
+
+    Raises:
+        SamliverError: no label, no slices or slices outside the volume, an unknown mode.
     """
     from tqdm.auto import tqdm
 

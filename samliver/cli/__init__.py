@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("samliver.cli.predict", "segment a whole volume with a trained head"),
     "bench": ("samliver.cli.bench", "speed and memory benchmark (prints a table)"),
     "demo": ("samliver.cli.demo", "the main job on the sample case"),
+    "results": ("samliver.cli.results", "rebuild docs/results.md from stored run records (--run computes missing ones)"),
     "app": ("samliver.app", "serve the Voila front end"),
     "annotate-sim": ("samliver.cli.annotate_sim", "simulated annotator: Dice vs slices labelled per strategy"),
     "embed-dataset": ("samliver.cli.embed_dataset", "encode every slice of a dataset folder (torchrun: sharded)"),
