@@ -278,6 +278,10 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                     finished=False)
         upsert_jsonl(results_dir / RUNS_FILE, info, "run_id")
 
+    def stored_meanwhile(key: dict) -> bool:
+        """Whether another run (e.g. a parallel process) has stored this measurement since we started."""
+        return record_key(section, key) in {record_key(section, r) for r in read_jsonl(path)}
+
     from .datasets import protocol_split
     from .embeddings import embed_volume
 
@@ -293,6 +297,10 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                         continue
                     test = protocol_split(volume.label, protocol, k=k)[1]
                     for mode in todo:  # one mode per call, so each is stored when it finishes
+                        if stored_meanwhile({**base, "protocol": protocol, "k": k, "mode": mode,
+                                             "seed": seed, "jitter": float(jitter)}):
+                            n_skipped += 1
+                            continue
                         say(f"zeroshot {protocol} K={k} seed {seed}: {mode}")
                         rows = evaluate_zero_shot(volume, model, test, modes=[mode], progress=progress,
                                                   jitter=jitter, seed=seed)
@@ -305,7 +313,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                     for seed in seeds:
                         key = {**base, "protocol": protocol, "k": k, "method": method,
                                "seed": seed, "steps": steps, "fast": fast}
-                        if record_key(section, key) in done:
+                        if record_key(section, key) in done or stored_meanwhile(key):
                             n_skipped += 1
                             continue
                         say(f"heads {protocol} K={k} {method} seed {seed}")
