@@ -195,15 +195,8 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
                            callback=callback, should_stop=should_stop)
 
 
-def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None,
-                config: TrainConfig | None, model: SamModel, model_info: dict | None,
-                checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
-                curves_path: str | Path | None, val_data: tuple | None,
-                callback: Callable[[int, int, float], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    config = copy.deepcopy(config or TrainConfig())
-    if model_info is None and model is not None:
-        model_info = describe_model(model)  # the checkpoint records what it was trained for
+def _checked_data(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings as float32 (N,C,h,w) and labels as int64 (N,S,S), refused when unusable."""
     emb = np.asarray(emb, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     if emb.ndim != 4 or labels.ndim != 3 or len(emb) != len(labels):
@@ -213,11 +206,12 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
         raise SamliverError("No labelled slices to train on.")
     if not np.isfinite(emb).all():
         raise SamliverError("The embeddings contain NaN/inf: recompute the embedding cache.")
-    device = get_device(config.device)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    return emb, labels
 
+
+def _start_head(config: TrainConfig, emb: np.ndarray, labels: np.ndarray, model: SamModel | None,
+                resume: str | Path | None) -> tuple[Any, TrainConfig, dict | None]:
+    """A fresh head for ``config``, or the one (and the config) a checkpoint to resume holds."""
     resume_ckpt = read_checkpoint(resume) if resume else None
     if resume_ckpt is not None:
         check_compatible(resume_ckpt, model=model, embedding_shape=emb.shape[1:], source=str(resume))
@@ -234,33 +228,52 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
     if labels.shape[-1] != head.out_size:
         raise SamliverError(f"Labels are {labels.shape[-1]}px but the head outputs "
                             f"{head.out_size}px: give labels in the model-input frame.")
-    head.to(device)
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    head.to(memory_format=fmt)
-    amp = _autocast(config.bf16, device)
-    uses_image = bool(getattr(head, "uses_image", False))
-    if uses_image and images is None:
-        raise SamliverError("This head uses the slice image: pass images= (or use_image=False).")
+    return head, config, resume_ckpt
 
+
+def _validation(emb: np.ndarray, labels: np.ndarray, images: np.ndarray | None, config: TrainConfig,
+                val_data: tuple | None) -> tuple[list[int], list[int], tuple, str]:
+    """Training indices, held-out indices, the validation ``(emb, labels, images)`` and what it is.
+
+    ``val_data`` given: validate on it, train on everything. Else an evenly spaced hold-out of
+    ``config.val_fraction`` (none below 5 slices: then the training slices validate).
+    """
     if val_data is not None:
-        tr_idx, va_idx = list(range(len(emb))), []
-        v_emb, v_lab, v_img = val_data
-        val_on = "given"
-    else:
-        tr_idx, va_idx = _split(len(emb), config.val_fraction, config.seed)
-        src = va_idx or tr_idx
-        v_emb, v_lab = emb[src], labels[src]
-        v_img = images[src] if images is not None else None
-        val_on = "held-out" if va_idx else "train"
+        return list(range(len(emb))), [], tuple(val_data), "given"
+    tr_idx, va_idx = _split(len(emb), config.val_fraction, config.seed)
+    src = va_idx or tr_idx
+    val = (emb[src], labels[src], images[src] if images is not None else None)
+    return tr_idx, va_idx, val, "held-out" if va_idx else "train"
+
+
+def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None,
+                config: TrainConfig | None, model: SamModel, model_info: dict | None,
+                checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
+                curves_path: str | Path | None, val_data: tuple | None,
+                callback: Callable[[int, int, float], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    config = copy.deepcopy(config or TrainConfig())
+    if model_info is None and model is not None:
+        model_info = describe_model(model)  # the checkpoint records what it was trained for
+    emb, labels = _checked_data(emb, labels)
+    device = get_device(config.device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    head, config, resume_ckpt = _start_head(config, emb, labels, model, resume)
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    head.to(device).to(memory_format=fmt)
+    amp = _autocast(config.bf16, device)
+    if head.uses_image and images is None:
+        raise SamliverError("This head uses the slice image: pass images= (or use_image=False).")
+    tr_idx, va_idx, val, val_on = _validation(emb, labels, images, config, val_data)
     x_all = torch.from_numpy(emb[tr_idx])
     y_all = torch.from_numpy(labels[tr_idx])
-    im_all = torch.from_numpy(np.asarray(images, np.float32)[tr_idx])[:, None] if uses_image else None
+    im_all = torch.from_numpy(np.asarray(images, np.float32)[tr_idx])[:, None] if head.uses_image else None
 
     params = [p for p in head.parameters() if p.requires_grad]
-    lr = config.learning_rate()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
     total = max(1, config.steps)
-
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.warmup, total))
     history: dict = {"step": [], "loss": [], "val_step": [], "val_liver": [], "val_tumour": [],
                      "val_on": val_on, "n_train": len(tr_idx), "n_val": len(va_idx),
@@ -269,15 +282,18 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
     if resume_ckpt is not None:
         start = restore_optimizer(resume_ckpt, opt, sched)
         history.update({k: v for k, v in resume_ckpt.get("history", {}).items() if k in history})
-    best_state = copy.deepcopy(head.state_dict())
-    last_good = best_state
+    best_state = last_good = copy.deepcopy(head.state_dict())
     bad_evals = 0
     n = len(tr_idx)
     bs = min(config.batch_size, n) if n else 1
+
+    def save(step: int | None = None) -> None:
+        with_state = {} if step is None else {"optimizer": opt, "scheduler": sched, "step": step}
+        save_checkpoint(checkpoint, head, config=config, model_info=model_info, history=history, **with_state)
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, config.steps), desc=f"train {config.kind}", disable=not progress,
-               leave=False)
+    bar = tqdm(range(start, config.steps), desc=f"train {config.kind}", disable=not progress, leave=False)
     t0 = time.time()
     for step in bar:
         if should_stop is not None and should_stop():
@@ -285,9 +301,8 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
             break
         head.train()
         idx = torch.randperm(n, generator=gen)[:bs]
-        x, y = x_all[idx], y_all[idx]
-        im = im_all[idx] if im_all is not None else None
-        x, y, im = augment_batch(x, y, im, config.augment, gen)
+        x, y, im = augment_batch(x_all[idx], y_all[idx], im_all[idx] if im_all is not None else None,
+                                 config.augment, gen)
         x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
         im = im.to(device).contiguous(memory_format=fmt) if im is not None else None
         with amp:
@@ -309,7 +324,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
         if callback is not None:
             callback(step + 1, config.steps, history["loss"][-1])
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            liver, tumour = _val_scores(head, v_emb, v_lab, v_img, device)
+            liver, tumour = _val_scores(head, *val, device)
             score = liver if math.isnan(tumour) else 0.5 * (liver + tumour)
             history["val_step"].append(step + 1)
             history["val_liver"].append(liver)
@@ -319,8 +334,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
                 best_state = copy.deepcopy(head.state_dict())
                 bad_evals = 0
                 if checkpoint:
-                    save_checkpoint(checkpoint, head, config=config, model_info=model_info,
-                                    history=history, optimizer=opt, scheduler=sched, step=step + 1)
+                    save(step + 1)
             else:
                 bad_evals += 1
                 if val_on != "train" and bad_evals >= config.patience:
@@ -330,12 +344,11 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
     history["seconds"] = time.time() - t0
     if history["best_score"] >= 0:
         head.load_state_dict(best_state)
-    if checkpoint and history["stopped"].startswith("non-finite") and not Path(checkpoint).exists():
-        save_checkpoint(checkpoint, head, config=config, model_info=model_info, history=history)
-    elif checkpoint and not history["stopped"].startswith("non-finite"):
-        save_checkpoint(checkpoint, head, config=config, model_info=model_info, history=history,
-                        optimizer=opt, scheduler=sched, step=history["step"][-1] + 1
-                        if history["step"] else start)
+    failed = history["stopped"].startswith("non-finite")
+    if checkpoint and failed and not Path(checkpoint).exists():
+        save()  # the last good state, without an optimizer to resume a diverged run from
+    elif checkpoint and not failed:
+        save(history["step"][-1] + 1 if history["step"] else start)
     if curves_path:
         from .visualization import save_figure, training_curves_figure
 
