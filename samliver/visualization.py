@@ -413,6 +413,7 @@ def prompt_figure(slice_hu: np.ndarray, mask: np.ndarray, *, box=None, points=No
         for (x, y), lab in zip(points, labels if labels is not None else [1] * len(points)):
             ax.plot(x, y, "o", color="lime" if lab else "red", ms=6)
     ax.set_axis_off()
+    return fig
 
 
 def annotation_sim_figure(records: list[dict], path: str | os.PathLike | None = None,

@@ -56,3 +56,26 @@ def test_overview_without_label(small_phantom):
     vol = CTVolume(hu=small_phantom.hu)
     fig = overview_figure(vol, index=(1, 2, 3))
     assert not fig.legends and fig.axes[2].get_title() == "sagittal (x = 3)"
+
+
+def test_figure_builders_return_figures(tmp_path):
+    """Each builder returns a Figure (no pyplot state); save_figure writes it atomically."""
+    from matplotlib.figure import Figure
+
+    from samliver.io import CTVolume
+    from samliver.visualization import comparison_figure, label_efficiency_figure, prompt_figure, save_figure, training_curves_figure
+
+    hu = np.full((3, 16, 16), -100.0, np.float32)
+    lab = np.zeros((3, 16, 16), np.uint8)
+    lab[:, 4:12, 4:12] = 1
+    figs = [
+        prompt_figure(hu[1], lab[1] > 0, box=(4, 4, 12, 12), points=[(8, 8)], labels=[1]),
+        comparison_figure(CTVolume(hu=hu, label=lab), lab, [0, 2]),
+        training_curves_figure({"step": [0, 1, 2], "loss": [1.0, 0.8, 0.5], "val_step": [3],
+                                "val_liver": [0.9], "val_tumour": [0.5], "val_on": "train"}),
+        label_efficiency_figure([{"protocol": "sparse", "method": "cnn", "k": 2, "liver_dice": 0.9,
+                                  "liver_dice_sd": 0.01, "tumour_dice": 0.5, "tumour_dice_sd": 0.0}]),
+    ]
+    for i, fig in enumerate(figs):
+        assert isinstance(fig, Figure)
+        assert save_figure(fig, tmp_path / f"f{i}.png").stat().st_size > 0
