@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class TrainConfig:
-    """Training settings; defaults are the recipe measured on the sample (see README)."""
+    """Training settings; defaults are the recipe measured on the sample (see docs/results.md)."""
 
     kind: str = "cnn"
     steps: int = 300
@@ -382,7 +382,7 @@ def self_train(emb: np.ndarray, labels: np.ndarray, unlabelled: tuple[np.ndarray
     default threshold 0.9) and trains a fresh head on the labelled slices (repeated so that they
     are about half of the samples) plus the pseudo-labelled ones, validating on the labelled
     slices. ``first`` reuses an already trained head for round 0. Other keyword arguments go
-    to ``train_head``. Measured on the sample (README): slab K = 8 +0.02 liver and tumour Dice.
+    to ``train_head``. Measured on the sample (docs/results.md): slab K = 8 +0.02 liver and tumour Dice.
     """
     config = config or TrainConfig()
     res = first or train_head(emb, labels, images=images, config=config, **train_kwargs)
