@@ -163,7 +163,8 @@ def _rss() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
 def test_streaming_keeps_memory_bounded(tmp_path):
-    """An epoch over ~170 MB of embeddings: memory after step 1 grows by far less than that.
+    """An epoch over ~170 MB of embeddings: memory after step 1 grows by far less than that,
+    and not at all through the second half of the epoch.
 
     Reading the epoch's slices into memory (or leaving them mapped) would grow resident memory
     by about their size; streaming keeps it at one batch (8 slices, 32 MiB as float32),
@@ -181,5 +182,10 @@ def test_streaming_keeps_memory_bounded(tmp_path):
     train_head_ddp(SliceDataset(items), config=cfg, progress=False,
                    on_step=lambda step, loss: seen.append(_rss()))
     assert size > 150e6 and len(seen) >= 8  # big next to one batch
+    # Holding the epoch would grow memory by about the dataset's size (and keep growing through the
+    # epoch); streaming grows by allocator slack only, which stops growing once warm. The margins
+    # leave room for a tuned allocator (samliver.backends.tune_allocator keeps freed memory).
     growth = max(seen) - seen[0]
-    assert growth < 0.25 * size, (growth, size)
+    late = seen[-1] - seen[len(seen) // 2]
+    assert growth < 0.5 * size, (growth, size)
+    assert late < 0.25 * size, (late, size)
