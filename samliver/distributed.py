@@ -43,7 +43,7 @@ from .checkpoints import (
 )
 from .heads import build_head
 from .losses import IGNORE
-from .training import TrainConfig, TrainResult, lr_factor, restore_optimizer
+from .training import TrainConfig, TrainResult, lr_factor, optimizer_step, restore_optimizer
 from .training_data import augment_batch
 from .util import SamliverError
 
@@ -432,11 +432,7 @@ def train_head_ddp(dataset: SliceDataset, *, config: TrainConfig | None = None, 
             if not torch.isfinite(reported):
                 history["stopped"] = f"non-finite loss at step {step}"
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched, params)
             history["step"].append(step)
             history["loss"].append(float(reported))
             step += 1

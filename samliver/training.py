@@ -130,6 +130,24 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+GRAD_CLIP = 5.0
+"""Gradient-norm bound of every head update: keeps a few-slice batch with a huge loss from
+throwing the head far off."""
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: Any, scheduler: Any, params: list) -> None:
+    """One update of the head: back-propagate ``loss``, clip the gradient norm, step both.
+
+    Shared by the single-process loop and the data-parallel one (``samliver.distributed``), so
+    they update the head the same way.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
+    scheduler.step()
+
+
 def restore_optimizer(ckpt: dict, optimizer: Any, scheduler: Any) -> int:
     """Load the optimizer and scheduler states a head checkpoint holds (when it has them).
 
@@ -312,11 +330,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
             history["stopped"] = f"non-finite loss at step {step}"
             head.load_state_dict(last_good)
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params)
         last_good = {k: v.detach().clone() for k, v in head.state_dict().items()}
         history["step"].append(step)
         history["loss"].append(float(loss.item()))
