@@ -50,7 +50,8 @@ def test_slices_to_encode_liver_margin():
         slices_to_encode(label, 20, "bones")
 
 
-def _env(home: Path) -> dict:
+def torchrun_env(home: Path) -> dict:
+    """The environment of a torchrun child: this checkout, its own cache, one thread, no rank variables."""
     env = dict(os.environ, SAMLIVER_HOME=str(home), SAMLIVER_BACKEND="torch",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -100,7 +101,7 @@ def test_killed_rank_resumes_and_shards_are_disjoint(dataset, home, tmp_path):
     args = ["embed-dataset", str(dataset), "--model", "tiny", "--slices", "liver", "--margin", "1",
             "--json"]
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(torchrun(2, *args), env=_env(home), stdout=log, stderr=log,
+    proc = subprocess.Popen(torchrun(2, *args), env=torchrun_env(home), stdout=log, stderr=log,
                             start_new_session=True)
     killed = None
     try:
@@ -126,7 +127,7 @@ def test_killed_rank_resumes_and_shards_are_disjoint(dataset, home, tmp_path):
     assert proc.returncode != 0  # torchrun reports the killed rank
     before = _valid_slices(home)
 
-    done = subprocess.run(torchrun(2, *args), env=_env(home), capture_output=True, text=True, check=False,
+    done = subprocess.run(torchrun(2, *args), env=torchrun_env(home), capture_output=True, text=True, check=False,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -111,22 +111,13 @@ def test_resume_continues_the_same_run(tmp_path):
     np.testing.assert_allclose(resumed.history["loss"], full.history["loss"], rtol=1e-5)
 
 
-def _env(home: Path) -> dict:
-    env = dict(os.environ, SAMLIVER_HOME=str(home), SAMLIVER_BACKEND="torch",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def test_two_gloo_processes_match_one(tmp_path, monkeypatch, capsys):
     """Same seed: DDP on 2 processes gives the one-process loss curve and test Dice.
 
     Tolerance: loss curves within 1e-4 relative, Dice within 1e-3 (the only differences are
     the order of floating-point sums; the linear head has no dropout).
     """
-    from test_dataset_embedding import torchrun
+    from test_dataset_embedding import torchrun, torchrun_env
 
     from samliver import cli
     from samliver.checkpoints import read_checkpoint
@@ -142,7 +133,7 @@ def test_two_gloo_processes_match_one(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match="RANDOM"):
         assert cli.main(args + ["-o", str(tmp_path / "one.pt")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    proc = subprocess.run(torchrun(2, *args, "-o", str(tmp_path / "two.pt")), env=_env(home),
+    proc = subprocess.run(torchrun(2, *args, "-o", str(tmp_path / "two.pt")), env=torchrun_env(home),
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
