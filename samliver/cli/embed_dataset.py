@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Encode every (volume, slice) item of a dataset folder once into the shared "
                     "embedding cache; under torchrun each rank encodes a disjoint share. Cached "
                     "slices are skipped, so rerunning resumes.")
-    p.add_argument("dataset", help="MSD task folder (dataset.json, imagesTr/, labelsTr/), LiTS "
-                                   "folder or images/ + labels/ folder")
+    options.add_dataset(p)
     options.add_model(p)
     p.add_argument("--slices", default="all", choices=SLICE_MODES,
                    help="all slices (default), or the liver's z-range from the label +- --margin")

@@ -41,6 +41,12 @@ def load_volume(args: argparse.Namespace) -> "CTVolume":
     return load_volume_arg(args.volume, getattr(args, "label", None), series_uid=args.series_uid)
 
 
+def add_dataset(parser: argparse.ArgumentParser) -> None:
+    """``DATASET``: a folder of labelled volumes (:func:`samliver.datasets.index_dataset`'s layouts)."""
+    parser.add_argument("dataset", help="MSD task folder (dataset.json, imagesTr/, labelsTr/), LiTS "
+                                        "folder (volume-N.nii, segmentation-N.nii) or images/ + labels/ folder")
+
+
 def add_model(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
     """``--model`` (default LiteMedSAM, or None: decided by the command), ``--checkpoint``, ``--device``."""
     shown = f" (default {default})" if default else ""

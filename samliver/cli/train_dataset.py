@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a prompt-free head on the labelled slices of a dataset's training "
                     "volumes (split by volume), data-parallel under torchrun, and evaluate it on "
                     "the held-out volumes.")
-    p.add_argument("dataset", help="MSD task folder, LiTS folder or images/ + labels/ folder")
+    options.add_dataset(p)
     p.add_argument("--k", type=int, default=None,
                    help="labelled slices per training volume, spread over its liver (default: "
                         "every slice with liver)")
