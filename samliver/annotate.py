@@ -297,12 +297,17 @@ class Session:
         have = set(self.embeddings.available())
         return [z for z in zs if z not in have]
 
-    def _ensure_embeddings(self, zs: list[int],
-                           progress: Callable[[int, int], None] | None = None) -> None:
-        """Encode the slices of ``zs`` that the cache lacks (into the same cache)."""
+    def encode(self, zs: list[int] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode the slices of ``zs`` (default: all) that the cache lacks, into the same cache.
+
+        Args:
+            zs: slice indices; None for every slice of the volume.
+            progress: called as ``progress(done, total)`` after every few slices.
+        """
         from .embeddings import embed_volume
 
-        todo = self._missing(zs)
+        todo = self._missing(list(range(self.depth)) if zs is None else zs)
         root = Path(self.embeddings.path).parent.parent  # <root>/<model>/<key>
         for i in range(0, len(todo), 4):
             embed_volume(self.volume.hu, self.model, slices=todo[i:i + 4], window=self.window,
@@ -317,7 +322,7 @@ class Session:
             self._predictor = Predictor(self.model)
         if self._predictor_z == z:
             return
-        self._ensure_embeddings([z])
+        self.encode([z])
         self._predictor.set_slice(self.embeddings, z)  # checks model and weights
         self._predictor_z = z
 
@@ -601,7 +606,7 @@ class Session:
             raise SamliverError(f"None of the confirmed slices {zs} contains liver: label the "
                                 "liver on at least one slice before training.")
         t0 = time.perf_counter()
-        self._ensure_embeddings(zs)
+        self.encode(zs)
         emb, labels, images = slice_tensors(replace(self.volume, label=self.label), self.embeddings,
                                             zs)
         config = copy.deepcopy(self.config)
@@ -644,7 +649,7 @@ class Session:
         if self.head is None:
             raise SamliverError("No head yet: confirm a few slices and train first.")
         depth = self.depth
-        self._ensure_embeddings(list(range(depth)))
+        self.encode(list(range(depth)))
         pred = np.zeros(self.volume.hu.shape, np.uint8)
         fg = np.zeros(self.volume.hu.shape, np.float16)
         unc = np.zeros(depth, np.float32)

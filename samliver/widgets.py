@@ -1040,7 +1040,7 @@ class AnnotateWidget(SegmentWidget):
             if summary.get("stopped") == "cancelled" or not predict:
                 return summary
             t1 = time.perf_counter()
-            self._encode_missing(tick)
+            self.session.encode(progress=lambda d, n: tick(d, n, f"encoding new slices {d}/{n} (once; cached)"))
             self.session.predict(progress=lambda d, n: tick(d, n, f"predicting slice {d}/{n}"))
             summary["predict_seconds"] = time.perf_counter() - t1
             return summary
@@ -1059,18 +1059,6 @@ class AnnotateWidget(SegmentWidget):
             return summary
 
         return self._run(f"training on {len(zs)} slices", job, done)
-
-    def _encode_missing(self, tick) -> None:
-        """Encode slices that have no cached embedding yet, with progress (predict needs all)."""
-        from .embeddings import embed_volume
-
-        emb = self.session.embeddings
-        have = set(emb.available())
-        todo = [z for z in range(self.hu.shape[0]) if z not in have]
-        for i in range(0, len(todo), 4):
-            tick(i, len(todo), f"encoding new slices {i}/{len(todo)} (once; cached)")
-            embed_volume(self.hu, self.model, slices=todo[i:i + 4], window=self.session.window, progress=False,
-                         cache_root=Path(emb.path).parent.parent)
 
     def _summary_html(self, s: dict) -> str:
         loss = "-" if s.get("final_loss") is None else f"{s['final_loss']:.3f}"
