@@ -308,12 +308,17 @@ class Session:
         from .embeddings import embed_volume
 
         todo = self._missing(list(range(self.depth)) if zs is None else zs)
+        if not todo:
+            return
         root = Path(self.embeddings.path).parent.parent  # <root>/<model>/<key>
-        for i in range(0, len(todo), 4):
-            embed_volume(self.volume.hu, self.model, slices=todo[i:i + 4], window=self.window,
-                         progress=False, cache_root=root)
-            if progress is not None:
-                progress(min(i + 4, len(todo)), len(todo))
+        done = [0]
+
+        def on_batch(n: int) -> None:  # embed_volume reports each encoded batch
+            done[0] += n
+            progress(done[0], len(todo))
+
+        embed_volume(self.volume.hu, self.model, slices=todo, window=self.window, progress=False,
+                     cache_root=root, on_batch=on_batch if progress is not None else None)
 
     def _set_predictor(self, z: int) -> None:
         if self._predictor is None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_WINDOW
 from .util import SamliverError, fast_mode
 
 DEFAULT_HEAD = "outputs/head.pt"  # where `samliver demo` writes its trained head
@@ -376,17 +377,21 @@ class App:
             if slices is None and fast_mode():
                 slices = list(range(max(0, depth // 2 - 8), min(depth, depth // 2 + 8)))
             zs = list(range(depth)) if slices is None else sorted(int(z) for z in slices)
-            window = (getattr(head, "checkpoint_info", None) or {}).get("window") or "abdomen"
-            emb = open_embeddings(self.volume, self.model, window=window)
-            have = set(emb.available())
+            window = (getattr(head, "checkpoint_info", None) or {}).get("window") or DEFAULT_WINDOW
+            have = set(open_embeddings(self.volume, self.model, window=window).available())
             todo = [z for z in zs if z not in have]
             bar.max, bar.value = max(1, len(todo)), 0
-            for i in range(0, len(todo), 4):
-                rate = (time.perf_counter() - t0) / i if i else None
-                left = "" if rate is None else f", {rate:.1f} s per slice so far, about {rate * (len(todo) - i):.0f} s left"
-                note.value = f"encoding {len(todo)} new slices (once; cached): {i}/{len(todo)}{left}"
-                emb = embed_volume(self.volume, self.model, slices=todo[i:i + 4], window=window, progress=False)
-                bar.value = min(len(todo), i + 4)
+            note.value = f"encoding {len(todo)} new slices (once; cached): 0/{len(todo)}"
+
+            def on_batch(n: int) -> None:  # the measured rate, not a guessed duration
+                bar.value = done = min(len(todo), bar.value + n)
+                rate = (time.perf_counter() - t0) / done
+                note.value = (f"encoding {len(todo)} new slices (once; cached): {done}/{len(todo)}, "
+                              f"{rate:.1f} s per slice so far, about {rate * (len(todo) - done):.0f} s left")
+
+            if todo:
+                embed_volume(self.volume, self.model, slices=todo, window=window, progress=False,
+                             on_batch=on_batch)
             note.value = f"segmenting {len(zs)} slices with the head ..."
             emb = open_embeddings(self.volume, self.model, window=window)
             # predict_volume post-processes only the predicted slices: a FAST subset is never cut
