@@ -250,3 +250,40 @@ def run_unet_baseline(volume: CTVolume, train_slices: list[int], test_slices: li
         pred = postprocess(pred)
     gt = volume.label[test_slices]
     return {"method": "ssl" if ssl else "unet", **label_dice(pred, gt), "pred": pred}
+
+
+BASELINE_METHODS = ("unet", "ssl")
+"""Image-space baselines :func:`run_baseline` trains on the heads' labelled slices; ``method`` names
+in experiment records start with one of these."""
+
+
+def run_baseline(method: str, volume: CTVolume, train_slices: list[int], test_slices: list[int], *,
+                 seed: int = 0, steps: int | None = None, threads: int | None = None) -> dict:
+    """Train baseline ``method`` on ``train_slices`` of ``volume`` and score it on ``test_slices``.
+
+    The one entry point the experiment calls for every image-space baseline, so a new baseline
+    is one more branch here and one more name in :data:`BASELINE_METHODS`.
+
+    Args:
+        method: one of :data:`BASELINE_METHODS`.
+        volume: a labelled volume.
+        train_slices: the labelled slices (the same ones the heads get).
+        test_slices: the slices scored.
+        seed: random seed.
+        steps: training steps (None: the method's default, shortened under ``SAMLIVER_FAST``).
+        threads: torch threads while training (None: unchanged).
+
+    Returns:
+        ``{method, liver_dice, tumour_dice, pred}`` with ``pred`` the post-processed test labels.
+
+    Raises:
+        SamliverError: an unknown method.
+    """
+    from .config import UNET_STEPS
+    from .util import fast_mode
+
+    if method in ("unet", "ssl"):
+        n = steps or UNET_STEPS["fast" if fast_mode() else "full"]
+        return run_unet_baseline(volume, train_slices, test_slices, ssl=(method == "ssl"), seed=seed,
+                                 steps=n, ssl_steps=max(20, n // 2), threads=threads)
+    raise SamliverError(f"Unknown baseline {method!r}: choose from {', '.join(BASELINE_METHODS)}.")

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checkpoints import model_info
-from .config import HEAD_KINDS, UNET_STEPS
+from .config import HEAD_KINDS
 from .evaluation import label_dice, lesion_scores
 from .training import TrainConfig, recipe, train_head
 from .training import self_train as self_train_head
 from .training_data import slice_tensors, training_tensors
-from .util import SamliverError, atomic_write_text, fast_mode
+from .util import SamliverError, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .embeddings import VolumeEmbeddings
@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import SamModel
 
 BASELINES = ("unet", "ssl", "zeroshot")
+"""Baseline names ``samliver experiment --baselines`` takes: the image-space ones of
+:data:`samliver.baselines.BASELINE_METHODS` and ``zeroshot`` (prompted SAM)."""
 
 
 def run_head(volume: CTVolume, embeddings: VolumeEmbeddings, model: SamModel, kind: str, train: list[int],
@@ -108,7 +110,7 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
     ``self_train`` (default 0) pseudo-label rounds for the heads: each head run then gives two
     records, the head (``cnn``) and the same head after self-training (``cnn+st``).
     """
-    from .baselines import run_unet_baseline
+    from .baselines import run_baseline
     from .zero_shot import BASELINE_MODES, evaluate_zero_shot
 
     records: list[dict] = []
@@ -141,9 +143,7 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
                 suffix += "+st"
         else:
             t0 = time.time()
-            unet_steps = steps or UNET_STEPS["fast" if fast_mode() else "full"]
-            out = run_unet_baseline(volume, train, test, ssl=(method == "ssl"), seed=seed,
-                                    steps=unet_steps, ssl_steps=max(20, unet_steps // 2))
+            out = run_baseline(method, volume, train, test, seed=seed, steps=steps)
             out["seconds"] = round(time.time() - t0, 1)
         runs.append((method + suffix, out))
         for label, res in runs:
