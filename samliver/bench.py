@@ -172,7 +172,7 @@ def _encoder_candidates(model, volume, window, *, quick: bool, int8: bool):
     import torch
 
     from .backends import SUPPORTED, installed, native_bf16
-    from .embeddings import embed_volume
+    from .embeddings import default_batch_size, embed_volume
 
     enc = model.image_encoder
 
@@ -218,11 +218,13 @@ def _encoder_candidates(model, volume, window, *, quick: bool, int8: bool):
             out.append((name, backend, precision, err, ""))
             continue
         prep = time.perf_counter() - t0
-        def per_slice(batch, _encode=variant.encode):
-            # one slice per call, as embed_volume runs on a CPU (default_batch_size)
-            return torch.cat([_encode(batch[i : i + 1]) for i in range(len(batch))])
+        n = default_batch_size(variant)
 
-        out.append((name, backend, precision, per_slice, f"model.encode on {backend}/{precision}, one slice per call; "
+        def per_slice(batch, _encode=variant.encode, _n=n):
+            # in calls of default_batch_size slices, as embed_volume makes them
+            return torch.cat([_encode(batch[i : i + _n]) for i in range(0, len(batch), _n)])
+
+        out.append((name, backend, precision, per_slice, f"model.encode on {backend}/{precision}, {n} slice(s) per call; "
                     f"first call (export/compile, cached after) {prep:.1f} s"))
         if backend == "torch" and precision == "fp32":
             out.append(("torch_fp32_batched", backend, precision, variant.encode,

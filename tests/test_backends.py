@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from samliver import backends
-from samliver.embeddings import cache_key
+from samliver.embeddings import cache_key, default_batch_size
 from samliver.models import get_model
 from samliver.util import SamliverError
 
@@ -123,3 +123,18 @@ def test_get_model_takes_backend_and_the_cli_option(monkeypatch, tmp_path, capsy
         model = get_model("tiny", device="cpu", backend="torch", precision="fp32")
     assert (model.backend, model.precision) == ("torch", "fp32")
     assert np.isfinite(model.encode(torch.zeros(1, 3, 256, 256)).numpy()).all()
+
+
+def test_openvino_batch_runs_concurrently_with_the_same_result(tiny):
+    # Several slices go through the THROUGHPUT model (one stream per core), one through the
+    # LATENCY model: both must give each slice's embedding, in order.
+    if not backends.installed("openvino"):
+        pytest.skip("openvino not installed")
+    model = _copy(tiny, "openvino", "fp32")
+    x = torch.randn(3, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(2))
+    batch = model.encode(x)
+    single = torch.cat([model.encode(x[i : i + 1]) for i in range(3)])
+    assert batch.shape == (3, 256, 64, 64)
+    assert torch.allclose(batch, single, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1])  # in order, not one slice repeated
+    assert default_batch_size(model) == 4 and default_batch_size(_copy(tiny, "torch", "fp32")) == 1
