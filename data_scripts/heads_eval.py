@@ -56,6 +56,28 @@ def _score(volume, probs, zs, post: bool = True, min_lesion: int | None = None) 
     return out
 
 
+def summary(paths: list[str]) -> str:
+    """Markdown tables (mean +- sd over seeds) of the records in ``paths``."""
+    recs = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    groups: dict = {}
+    for r in recs:
+        groups.setdefault((r["mode"], r["protocol"], r["option"], r["variant"]), []).append(r)
+    lines = ["| split | protocol | option | variant | liver Dice | tumour Dice | lesion F1 | train s | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(vals: list) -> str:
+        vals = [v for v in vals if v is not None and v == v]
+        if not vals:
+            return "-"
+        return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+    for (mode, protocol, option, variant), rs in sorted(groups.items()):
+        lines.append(f"| {mode} | {protocol} | {option} | {variant} | "
+                     f"{fmt([r.get('liver_dice') for r in rs])} | {fmt([r.get('tumour_dice') for r in rs])} | "
+                     f"{fmt([r.get('lesion_f1') for r in rs])} | {fmt([r.get('train_seconds') for r in rs])} | {len(rs)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/heads_options.jsonl")
@@ -63,7 +85,11 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["val", "test"])
     ap.add_argument("--protocols", nargs="+", default=["sparse", "slab"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--summary", nargs="+", help="print the tables of these JSONL files and stop")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(args.summary))
+        return
     torch.set_num_threads(1)
     out = Path(args.out)
     done = set()

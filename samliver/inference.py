@@ -34,14 +34,15 @@ def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embe
     """
     from .embeddings import embed_volume
     from .heads import head_context, predict_logits
-    from .training_data import context_slices, slice_tensors
+    from .training_data import slice_tensors
 
     zs = list(range(volume.hu.shape[0])) if slices is None else [int(z) for z in slices]
     window = (getattr(head, "checkpoint_info", None) or {}).get("window") or DEFAULT_WINDOW
     context = head_context(head)
     tta = bool(getattr(head, "tta", False)) if tta is None else bool(tta)
     # A 2.5D head also reads the neighbours of every slice it predicts: encode those missing.
-    need = sorted({z for g in context_slices(zs, volume.hu.shape[0], context) for z in g})
+    depth = volume.hu.shape[0]
+    need = sorted({min(max(z + d, 0), depth - 1) for z in zs for d in range(-context, context + 1)})
     if embeddings is None:
         embeddings = embed_volume(volume, model, slices=need, window=window, progress=progress)
     elif context and any(z not in embeddings for z in need):
