@@ -45,6 +45,12 @@ RECIPES: dict[str, dict] = {
              "head_options": {"refine_size": 128}, "val_fraction": 0.0, "eval_every": 50,
              "fast": {"kind": "linear", "steps": 30, "eval_every": 30, "head_options": {}, "lr": 3e-2,
                       "warmup": 5}},
+    # The default recipe as a 2.5D head: each slice read with its neighbours z-2 .. z+2
+    # (docs/heads.md). On the sample it helped where the labelled slices lie in one part of
+    # the volume (slab) and not where they are spread over it (sparse).
+    "cnn25d": {"kind": "cnn", "steps": 115, "fast": {"steps": 60}, "batch_size": 4, "lr": 2e-3,
+               "warmup": 10, "head_options": {"refine_size": 128, "context": 2},
+               "val_fraction": 0.0, "eval_every": 100},
     # One recipe per head kind for the label-efficiency study and `samliver train --head KIND`.
     "linear": {"kind": "linear", "steps": 300, "fast": {"steps": 50}},
     "cnn": {"kind": "cnn", "steps": 300, "fast": {"steps": 50}},
