@@ -46,8 +46,9 @@ RECIPES: dict[str, dict] = {
              "fast": {"kind": "linear", "steps": 30, "eval_every": 30, "head_options": {}, "lr": 3e-2,
                       "warmup": 5}},
     # The default recipe as a 2.5D head: each slice read with its neighbours z-2 .. z+2
-    # (docs/heads.md). On the sample it helped where the labelled slices lie in one part of
-    # the volume (slab) and not where they are spread over it (sparse).
+    # (docs/heads.md). On the sample (K = 8, 3 seeds) no better than "default": sparse
+    # +0.000 / +0.001, slab tumour +0.021 but liver -0.025 and a 9x seed spread. Kept so the
+    # comparison can be rerun on other data.
     "cnn25d": {"kind": "cnn", "steps": 115, "fast": {"steps": 60}, "batch_size": 4, "lr": 2e-3,
                "warmup": 10, "head_options": {"refine_size": 128, "context": 2},
                "val_fraction": 0.0, "eval_every": 100},
