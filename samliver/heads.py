@@ -22,6 +22,9 @@ Kinds (``build_head(kind, ...)``):
   Efficiently Adapt Large Segmentation Model (SAM) to Medical Images"). Without a model a
   randomly initialised decoder of the same shape is built (tests only).
 
+A ``cnn`` head with ``context=c`` (2.5D) reads slices ``z - c .. z + c`` stacked along the
+channels; ``tta=True`` (any kind) makes inference average with the left-right flip.
+
 Heads that use the image take it as ``forward(emb, image=...)`` where ``image`` is the
 windowed slice in the model-input frame, ``(B, 1, S, S)`` in [0, 1]; ``head.uses_image``
 says whether it is needed.
@@ -185,26 +188,61 @@ class LinearHead(Head):
 
 
 class CNNHead(Head):
-    """Conv blocks on the embedding + transposed-conv upsampling (+ image skip)."""
+    """Conv blocks on the embedding + transposed-conv upsampling (+ image skip).
+
+    ``context`` (default 0) > 0 makes it a 2.5D head: its input is the embeddings of slices
+    ``z - context .. z + context`` stacked along the channels (``(B, (2 context + 1) C, h, w)``,
+    centre in the middle; :func:`samliver.training_data.slice_tensors` with ``context=``). The
+    neighbours go through one shared 1x1 reduction to ``context_width`` channels, then a 1x1
+    mix that is added to the centre's reduced features before the 3x3 blocks; the mix starts
+    at zero, so at step 0 the head is the 2D head.
+    """
 
     kind = "cnn"
 
     def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
                  width: int = 128, depth: int = 1, use_image: bool = True,
                  dropout: float = 0.1, embed_hw: int = 64, full_res: bool = True,
-                 refine_size: int | None = None) -> None:
+                 refine_size: int | None = None, context: int = 0,
+                 context_width: int = 32) -> None:
         super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=use_image)
+        if context < 0:
+            raise SamliverError(f"context must be >= 0 slices, got {context}.")
+        self.context = int(context)
         # 1x1 reduction first: a 3x3 conv on all 256 channels is most of the cost on a CPU.
         blocks: list[nn.Module] = [nn.Dropout2d(dropout)] if dropout else []
         blocks += [nn.Conv2d(embed_dim, width, 1), _gn(width), nn.GELU()]
         for _ in range(depth):
             blocks += [nn.Conv2d(width, width, 3, padding=1), _gn(width), nn.GELU()]
         self.body = nn.Sequential(*blocks)
+        self._reduce_at = 2 if dropout else 1  # body[:_reduce_at] = (dropout,) 1x1 reduction
+        if self.context:
+            n_nb = 2 * self.context
+            # Shared over the neighbours (one 256 -> 32 conv, not 2c of them): cheap, and the
+            # same features whichever side a neighbour lies on.
+            self.ctx_reduce = nn.Sequential(nn.Conv2d(embed_dim, context_width, 1), nn.GELU())
+            self.ctx_mix = nn.Conv2d(n_nb * context_width, width, 1)
+            nn.init.zeros_(self.ctx_mix.weight)
+            nn.init.zeros_(self.ctx_mix.bias)
         self.up = _UpPath(width, n_classes, out_size, embed_hw=embed_hw, use_image=use_image,
                           width=32, full_res=full_res, refine_size=refine_size)
 
     def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        return self.up(self.body(emb), image)
+        if not self.context:
+            return self.up(self.body(emb), image)
+        n = 2 * self.context + 1
+        b, c, h, w = emb.shape
+        if c != n * self.embed_dim:
+            raise SamliverError(
+                f"This head reads {n} stacked slices ({n * self.embed_dim} channels), got {c}: "
+                f"gather the neighbours with slice_tensors(..., context={self.context}).")
+        stack = emb.view(b, n, self.embed_dim, h, w)
+        centre = stack[:, self.context]
+        neighbours = torch.cat([stack[:, :self.context], stack[:, self.context + 1:]], dim=1)
+        drop = self.body[0] if self._reduce_at == 2 else nn.Identity()
+        nb = self.ctx_reduce(drop(neighbours.reshape(b * (n - 1), self.embed_dim, h, w)))
+        x = self.body[:self._reduce_at](centre) + self.ctx_mix(nb.reshape(b, -1, h, w))
+        return self.up(self.body[self._reduce_at:](x), image)
 
 
 class ViTHead(Head):
@@ -370,6 +408,11 @@ def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: SamMo
         raise SamliverError(f"Unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}.")
     embed_hw = int(options.pop("embed_hw", 64))
     out_size = int(options.pop("out_size", 256))
+    # Flip test-time augmentation: an inference option the head carries (and its checkpoint
+    # stores), so that a loaded head predicts the way it was evaluated.
+    tta = bool(options.pop("tta", False))
+    if options.get("context") and kind != "cnn":
+        raise SamliverError(f"context (2.5D input) is a cnn head option, not a {kind} one.")
     if model is not None:
         embed_dim = int(getattr(model, "embed_dim", embed_dim))
         embed_hw = int(getattr(model, "embed_hw", (64, 64))[0])
@@ -388,7 +431,15 @@ def build_head(kind: str, embed_dim: int = 256, n_classes: int = 3, model: SamMo
                            **options)
     # What a checkpoint stores to rebuild the head (the grid only when no model fixes it).
     head.options = dict(options, embed_hw=embed_hw) if model is None else dict(options)
+    head.tta = tta
+    if tta:
+        head.options["tta"] = True
     return head
+
+
+def head_context(head: torch.nn.Module) -> int:
+    """Neighbouring slices on each side that ``head`` reads (0: a 2D head)."""
+    return int(getattr(head, "context", 0) or 0)
 
 
 @torch.no_grad()

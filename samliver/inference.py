@@ -25,22 +25,36 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embeddings: VolumeEmbeddings | None = None,
                           slices: list[int] | None = None, batch_size: int = 8,
-                          progress: bool = True, tta: bool = False) -> tuple[list[int], np.ndarray]:
-    """Per-slice class probabilities in the original geometry: ``(zs, probs (N,C,H,W) float32)``."""
+                          progress: bool = True, tta: bool | None = None) -> tuple[list[int], np.ndarray]:
+    """Per-slice class probabilities in the original geometry: ``(zs, probs (N,C,H,W) float32)``.
+
+    A 2.5D head (``context`` > 0) gets each slice's neighbours too (encoded when missing from
+    the cache). ``tta`` None (default) takes the head's own ``tta`` option (False unless it was
+    built with ``tta=True``).
+    """
     from .embeddings import embed_volume
-    from .heads import predict_logits
+    from .heads import head_context, predict_logits
     from .training_data import slice_tensors
 
     zs = list(range(volume.hu.shape[0])) if slices is None else [int(z) for z in slices]
     window = (getattr(head, "checkpoint_info", None) or {}).get("window") or DEFAULT_WINDOW
+    context = head_context(head)
+    tta = bool(getattr(head, "tta", False)) if tta is None else bool(tta)
+    # A 2.5D head also reads the neighbours of every slice it predicts: encode those missing.
+    depth = volume.hu.shape[0]
+    need = sorted({min(max(z + d, 0), depth - 1) for z in zs for d in range(-context, context + 1)})
     if embeddings is None:
-        embeddings = embed_volume(volume, model, slices=zs, window=window, progress=progress)
+        embeddings = embed_volume(volume, model, slices=need, window=window, progress=progress)
+    elif context and any(z not in embeddings for z in need):
+        embeddings = embed_volume(volume, model, slices=need, window=embeddings.window,
+                                  progress=progress)
     tf = embeddings.transform
     out = []
-    for i in range(0, len(zs), 32):
-        chunk = zs[i:i + 32]
-        emb, _, images = slice_tensors(volume, embeddings, chunk, need_label=False)
-        if emb.shape[1:] != (head.embed_dim, head.embed_hw, head.embed_hw):
+    step = 32 // (2 * context + 1) or 1  # the stacked embeddings are (2c+1)x larger
+    for i in range(0, len(zs), step):
+        chunk = zs[i:i + step]
+        emb, _, images = slice_tensors(volume, embeddings, chunk, need_label=False, context=context)
+        if emb.shape[1:] != ((2 * context + 1) * head.embed_dim, head.embed_hw, head.embed_hw):
             raise SamliverError(
                 f"The head expects embeddings {(head.embed_dim, head.embed_hw, head.embed_hw)} but "
                 f"the model gives {emb.shape[1:]}: it was trained for another model.")
@@ -51,14 +65,14 @@ def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embe
 
 def predict_volume(volume: CTVolume, model: SamModel, head: Head, *, embeddings: VolumeEmbeddings | None = None,
                    slices: list[int] | None = None, postprocess_label: bool = True,
-                   batch_size: int = 8, progress: bool = True, tta: bool = False,
+                   batch_size: int = 8, progress: bool = True, tta: bool | None = None,
                    min_lesion_size: int | None = None) -> np.ndarray:
     """Label volume ``(z,y,x)`` uint8 (0 background, 1 liver, 2 tumour) from a trained head.
 
     ``slices`` (default all) are predicted; other slices stay 0. ``embeddings`` reuses a
     ``VolumeEmbeddings`` (else ``embed_volume`` computes / loads the cache).
-    ``postprocess_label`` (default True) applies :func:`postprocess`; ``tta`` (default False)
-    averages with the left-right flipped input. ``min_lesion_size`` (voxels, default
+    ``postprocess_label`` (default True) applies :func:`postprocess`; ``tta`` averages with the
+    left-right flipped input (default None: the head's own ``tta`` option, else False). ``min_lesion_size`` (voxels, default
     :data:`MIN_LESION_VOXELS`) goes to :func:`postprocess`.
 
     With a subset of ``slices``, post-processing sees only the predicted slices, stacked in
@@ -74,7 +88,7 @@ def predict_volume(volume: CTVolume, model: SamModel, head: Head, *, embeddings:
         postprocess_label: apply :func:`samliver.postprocess.postprocess`.
         batch_size: slices per forward pass.
         progress: show progress bars.
-        tta: average with the left-right flipped input.
+        tta: average with the left-right flipped input (None: the head's option).
         min_lesion_size: smallest lesion kept, in voxels.
 
     Returns:

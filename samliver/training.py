@@ -52,6 +52,7 @@ class TrainConfig:
     warmup: int = 20
     tumour_weight: float = 3.0  # CE weight of the tumour class (background 1, liver 1)
     dice_weight: float = 1.0
+    tversky_weight: float = 0.0  # focal Tversky term on the tumour class (losses.focal_tversky)
     augment: str = "flip"  # none | flip | flip+rot
     val_fraction: float = 0.2
     eval_every: int = 25
@@ -227,22 +228,28 @@ def _checked_data(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return emb, labels
 
 
+def _slice_dim(emb: np.ndarray, opts: dict) -> int:
+    """Channels of one slice's embedding: a 2.5D head's input stacks ``2 context + 1`` slices."""
+    return emb.shape[1] // (2 * int(opts.get("context", 0) or 0) + 1)
+
+
 def _start_head(config: TrainConfig, emb: np.ndarray, labels: np.ndarray, model: SamModel | None,
                 resume: str | Path | None) -> tuple[Any, TrainConfig, dict | None]:
     """A fresh head for ``config``, or the one (and the config) a checkpoint to resume holds."""
     resume_ckpt = read_checkpoint(resume) if resume else None
     if resume_ckpt is not None:
-        check_compatible(resume_ckpt, model=model, embedding_shape=emb.shape[1:], source=str(resume))
+        shape = (_slice_dim(emb, head_options(resume_ckpt)),) + tuple(emb.shape[2:])
+        check_compatible(resume_ckpt, model=model, embedding_shape=shape, source=str(resume))
         config = TrainConfig(**{**resume_ckpt["config"], "steps": config.steps})
         opts = dict(head_options(resume_ckpt), out_size=resume_ckpt["out_size"])
-        head = build_head(config.kind, embed_dim=emb.shape[1], model=model, **opts)
+        head = build_head(config.kind, embed_dim=_slice_dim(emb, opts), model=model, **opts)
         head.load_state_dict(resume_ckpt["state_dict"])
     else:
         opts = dict(config.head_options)
         if model is None:
             opts.setdefault("out_size", labels.shape[-1])
             opts.setdefault("embed_hw", emb.shape[-1])
-        head = build_head(config.kind, embed_dim=emb.shape[1], model=model, **opts)
+        head = build_head(config.kind, embed_dim=_slice_dim(emb, opts), model=model, **opts)
     if labels.shape[-1] != head.out_size:
         raise SamliverError(f"Labels are {labels.shape[-1]}px but the head outputs "
                             f"{head.out_size}px: give labels in the model-input frame.")
@@ -325,7 +332,8 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
         im = im.to(device).contiguous(memory_format=fmt) if im is not None else None
         with amp:
             logits = head(x, image=im)
-        loss = seg_loss(logits.float(), y, config.tumour_weight, config.dice_weight)
+        loss = seg_loss(logits.float(), y, config.tumour_weight, config.dice_weight,
+                        tversky_weight=config.tversky_weight)
         if not torch.isfinite(loss):
             history["stopped"] = f"non-finite loss at step {step}"
             head.load_state_dict(last_good)

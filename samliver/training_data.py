@@ -22,8 +22,39 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import SamModel
 
 
+def context_slices(slices: list[int], depth: int, context: int = 0) -> list[list[int]]:
+    """For each slice, the ``2 context + 1`` slices a 2.5D head reads: ``z - context .. z + context``.
+
+    Slices past the volume's ends repeat the nearest slice inside it (edge padding).
+    """
+    c = int(context)
+    return [[min(max(int(z) + d, 0), depth - 1) for d in range(-c, c + 1)] for z in slices]
+
+
+def context_embeddings(embeddings: VolumeEmbeddings, slices: list[int], depth: int,
+                       context: int = 0) -> np.ndarray:
+    """Embeddings of ``slices`` with ``context`` neighbours each side stacked along the channels.
+
+    Returns ``(N, (2 context + 1) C, h, w)`` float32, slice ``z - context`` first. Each
+    embedding is read once however many stacks it appears in.
+
+    Raises:
+        SamliverError: a neighbour has no cached embedding (encode it first).
+    """
+    groups = context_slices(slices, depth, context)
+    needed = sorted({z for g in groups for z in g})
+    missing = [z for z in needed if z not in embeddings]
+    if missing:
+        raise SamliverError(
+            f"Slices {missing[:8]} (neighbours of the requested ones: this head reads {context} "
+            f"slice(s) each side) have no cached embedding: run embed_volume(volume, model, "
+            f"slices=...) on them first.")
+    cache = {z: np.asarray(embeddings[z], dtype=np.float32) for z in needed}
+    return np.stack([np.concatenate([cache[z] for z in g]) for g in groups])
+
+
 def slice_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[int], *, window: str | None = None,
-                  need_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                  need_label: bool = True, context: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Embeddings, labels and images of ``slices`` in the model-input frame.
 
     Args:
@@ -32,12 +63,14 @@ def slice_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[i
         slices: axial slice indices.
         window: HU window for the images (default: the embeddings' window).
         need_label: raise when the volume has no label (set False for prediction).
+        context: neighbouring slices each side stacked with each slice's embedding, for a
+            2.5D head (``cnn`` with ``context``); default 0. The neighbours need no label.
 
     Returns:
-        ``(emb (N,C,h,w) float32, labels (N,S,S) int64 or None, images (N,S,S) float32)``.
+        ``(emb (N,(2 context+1)C,h,w) float32, labels (N,S,S) int64 or None, images (N,S,S) float32)``.
 
     Raises:
-        SamliverError: ``need_label`` and the volume has no label.
+        SamliverError: ``need_label`` and the volume has no label; a neighbour not cached.
     """
     from .preprocess import window_to_unit
 
@@ -47,7 +80,10 @@ def slice_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[i
             "slices. Pass a label file (load_volume(path, label_path=...)).")
     window = window or getattr(embeddings, "window", DEFAULT_WINDOW)
     tf = embeddings.transform
-    emb = np.asarray(embeddings.stack(list(slices)), dtype=np.float32)
+    if context:
+        emb = context_embeddings(embeddings, list(slices), volume.hu.shape[0], context)
+    else:
+        emb = np.asarray(embeddings.stack(list(slices)), dtype=np.float32)
     images = np.stack([tf.apply_image(window_to_unit(volume.hu[z], window)) for z in slices])
     labels = None
     if volume.label is not None:
@@ -109,14 +145,20 @@ def view_tensors(volume: CTVolume, model: SamModel, slices: list[int], *, n_view
 
 
 def training_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: list[int], *, model: SamModel | None = None,
-                     views: int = 0, seed: int = 0, progress: bool = False) -> tuple:
+                     views: int = 0, seed: int = 0, progress: bool = False, context: int = 0) -> tuple:
     """``slice_tensors`` of the labelled ``slices`` followed by ``views`` cached augmented views
-    of each (default 0; needs ``model`` to encode them)."""
-    tensors = slice_tensors(volume, embeddings, slices)
+    of each (default 0; needs ``model`` to encode them).
+
+    ``context`` (default 0) stacks that many neighbours each side (a 2.5D head's input). An
+    augmented view has no neighbours: its own embedding is repeated in their place.
+    """
+    tensors = slice_tensors(volume, embeddings, slices, context=context)
     if not views:
         return tensors
     extra = view_tensors(volume, model, slices, n_views=views, seed=seed,
                          window=getattr(embeddings, "window", DEFAULT_WINDOW), progress=progress)
+    if context:
+        extra = (np.tile(extra[0], (1, 2 * int(context) + 1, 1, 1)),) + tuple(extra[1:])
     return tuple(np.concatenate([a, b]) for a, b in zip(tensors, extra))
 
 

@@ -97,3 +97,36 @@ def test_cnn_refinement_at_half_resolution():
         build_head("cnn", refine_size=512)
     with pytest.raises(SamliverError, match="refine_size"):
         build_head("cnn", refine_size=64)
+
+
+def test_context_head_starts_as_the_2d_head_and_checks_its_input():
+    """A 2.5D cnn head (context=2) equals the plain head at step 0 (zero-initialised mix)."""
+    from samliver.heads import head_context
+
+    torch.manual_seed(0)
+    plain = build_head("cnn", embed_dim=16, refine_size=128).eval()
+    ctx = build_head("cnn", embed_dim=16, refine_size=128, context=2).eval()
+    assert head_context(ctx) == 2 and head_context(plain) == 0
+    assert ctx.options["context"] == 2  # what a checkpoint stores
+    ctx.load_state_dict(plain.state_dict(), strict=False)
+    x, im = torch.randn(2, 5 * 16, 64, 64), torch.rand(2, 1, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(ctx(x, image=im), plain(x[:, 32:48], image=im), atol=1e-6)
+    with pytest.raises(SamliverError, match="stacked slices"):
+        ctx(x[:, :16], image=im)
+    with pytest.raises(SamliverError, match="cnn head option"):
+        build_head("vit", embed_dim=16, context=1)
+
+
+def test_tta_option_is_stored_and_used(tmp_path):
+    """tta=True rides in the head's options, so a loaded head predicts with flip TTA."""
+    from samliver.checkpoints import load_head, save_checkpoint
+    from samliver.training import TrainConfig
+
+    head = build_head("cnn", embed_dim=16, tta=True)
+    assert head.tta and head.options["tta"] is True
+    path = save_checkpoint(tmp_path / "h.pt", head, config=TrainConfig(), model_info={"model_name": "x"})
+    back = load_head(path, device="cpu")
+    assert back.tta is True
+    assert build_head("cnn", embed_dim=16).tta is False
+    assert "tta" not in build_head("cnn", embed_dim=16).options

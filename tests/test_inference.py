@@ -46,3 +46,22 @@ def test_predict_volume_and_cli_with_tiny_model(tmp_path, monkeypatch):
                             config=TrainConfig(kind="cnn"), model_info={"model_name": "tiny"})
     with pytest.raises(SamliverError, match="embeddings of shape"):
         main([str(src), "--head", str(other), "-o", str(out), "--overwrite"])
+
+
+def test_context_head_predicts_with_neighbours_encoded_on_demand(tmp_path, monkeypatch):
+    """A 2.5D head gathers (and encodes) each slice's neighbours (tiny RANDOM model: plumbing)."""
+    from samliver.embeddings import embed_volume
+    from samliver.heads import build_head
+    from samliver.inference import predict_probabilities
+    from samliver.models import get_model
+    from samliver.phantom import make_phantom
+
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path / "home"))
+    with pytest.warns(UserWarning):
+        model = get_model("tiny", device="cpu")
+    vol = make_phantom(shape=(8, 40, 48), n_lesions=1)
+    emb = embed_volume(vol, model, slices=[2], progress=False)  # neighbours 0, 1, 3, 4 missing
+    head = build_head("cnn", model=model, context=2, tta=True)
+    zs, probs = predict_probabilities(vol, model, head, embeddings=emb, slices=[2], progress=False)
+    assert zs == [2] and probs.shape == (1, 3, 40, 48)
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)

@@ -319,3 +319,21 @@ def test_self_train_adds_pseudo_labelled_slices():
     same = training.self_train(emb[:2], lab[:2], (emb[:0], img[:0]), images=img[:2], config=cfg,
                                progress=False)
     assert "pseudo_ignored" not in same.history  # nothing unlabelled: plain training
+
+
+def test_train_head_with_context_and_tversky(tmp_path):
+    """A 2.5D head trains on stacked embeddings, and its checkpoint rebuilds it with the context."""
+    import numpy as np
+
+    from samliver.checkpoints import load_head
+    from samliver.training import TrainConfig, train_head
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(4, 3 * 8, 64, 64)).astype(np.float32)  # context 1: 3 slices of 8 channels
+    labels = rng.integers(0, 3, size=(4, 256, 256))
+    cfg = TrainConfig(steps=2, batch_size=2, eval_every=2, val_fraction=0.0, tversky_weight=1.0,
+                      head_options={"context": 1, "use_image": False, "width": 16})
+    res = train_head(emb, labels, config=cfg, progress=False, checkpoint=tmp_path / "h.pt")
+    assert res.head.embed_dim == 8 and res.head.context == 1
+    back = load_head(tmp_path / "h.pt", device="cpu")
+    assert back.context == 1

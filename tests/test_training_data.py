@@ -57,3 +57,30 @@ def test_view_tensors_are_cached(small_phantom, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "encode", _no_encoding)
     emb2, lab2, _ = training_data.view_tensors(small_phantom, model, [3, 8], n_views=2, seed=0)
     assert np.allclose(emb, emb2) and np.array_equal(lab, lab2)
+
+
+def test_context_slices_repeat_the_edge_slice():
+    assert training_data.context_slices([0, 5, 9], depth=10, context=2) == [
+        [0, 0, 0, 1, 2], [3, 4, 5, 6, 7], [7, 8, 9, 9, 9]]
+    assert training_data.context_slices([4], depth=10) == [[4]]
+
+
+class _FakeEmbeddings:
+    """Per-slice embeddings whose values are the slice index (no model needed)."""
+
+    def __init__(self, zs):
+        self.zs = set(zs)
+
+    def __contains__(self, z):
+        return z in self.zs
+
+    def __getitem__(self, z):
+        return np.full((2, 4, 4), float(z), np.float16)
+
+
+def test_context_embeddings_stack_neighbours_and_refuse_missing_ones():
+    emb = training_data.context_embeddings(_FakeEmbeddings(range(6)), [0, 3], depth=6, context=1)
+    assert emb.shape == (2, 6, 4, 4) and emb.dtype == np.float32
+    assert emb[0, ::2, 0, 0].tolist() == [0, 0, 1] and emb[1, ::2, 0, 0].tolist() == [2, 3, 4]
+    with pytest.raises(SamliverError, match="no cached embedding"):
+        training_data.context_embeddings(_FakeEmbeddings([3]), [3], depth=6, context=1)
