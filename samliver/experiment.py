@@ -395,8 +395,8 @@ def write_outputs(records: list[dict], out_dir: str | Path, stem: str = "experim
     """Write CSV, Markdown and PNG; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["method", "protocol", "k", "seed", "split", "liver_dice", "tumour_dice", "lesion_precision", "lesion_recall",
-            "lesion_f1", "burden_error", "n_test", "seconds"]
+    keys = ["method", "protocol", "k", "seed", "liver_dice", "tumour_dice", "lesion_precision", "lesion_recall",
+            "lesion_f1", "burden_error", "n_test", "seconds", "split"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
