@@ -527,8 +527,9 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
     volumes = sorted({str(r.get("volume")) for r in runs})
     if volumes == ["sample"]:
         out[-2] += (" All figures come from one real LiTS case (the sample, 128³ around the liver, "
-                    "spacing unknown) with the two sample protocols of docs/design.md: they show "
-                    "how the method behaves and how to measure it, not how it generalises.")
+                    "spacing unknown) with the sample protocols of docs/design.md (two fixed splits, and "
+                    "families of random splits for the splits section): they show how the method "
+                    "behaves and how to measure it, not how it generalises to other patients.")
     elif volumes:
         out[-2] += f" Volumes: {', '.join(volumes)}."
     for section, title in SECTIONS.items():
