@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .checkpoints import model_info
 from .baselines import BASELINE_METHODS
+from .checkpoints import model_info
 from .config import HEAD_KINDS, RANDOM_PROTOCOLS, RECIPES
 from .evaluation import label_dice, lesion_scores
 from .training import TrainConfig, recipe, train_head
