@@ -178,3 +178,26 @@ def test_figure_written_next_to_the_page(tmp_path):
     page = results.write_markdown(tmp_path / "docs" / "results.md", rdir)
     assert (tmp_path / "docs" / "results.png").stat().st_size > 5000
     assert "](results.png)" in page.read_text()
+
+
+def test_cli_passes_the_grid_and_the_split_options(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_section(section, volume, model, **kw):
+        calls.append((section, kw))
+        return {"n_new": 0, "n_skipped": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(results_cli, "run_section", fake_run_section)
+    monkeypatch.setattr(results_cli.options, "load_volume", lambda args: None)
+    monkeypatch.setattr(results_cli.options, "load_model", lambda args: None)
+    argv = ["--run", "heads,splits", "--k", "1,2", "--heads", "linear,default", "--baselines",
+            "unet,zeroshot", "--seeds", "0,1", "--splits", "4", "--split-k", "8",
+            "--results-dir", str(tmp_path / "r"), "-o", str(tmp_path / "p.md")]
+    assert results_cli.main(argv) == 0
+    (_, heads), (_, splits) = calls
+    assert heads["protocols"] == ["sparse", "slab"] and heads["ks"] == [1, 2]
+    assert heads["heads"] == ["linear", "default"] and heads["baselines"] == ["unet", "zeroshot"]
+    assert splits["protocols"] == ["slab-random", "sparse-random"] and splits["ks"] == [8]
+    assert splits["heads"] == ["default"] and splits["splits"] == 4 and splits["seeds"] == [0, 1]
+    with pytest.raises(SamliverError, match="--splits"):
+        results_cli.main(["--run", "splits", "--splits", "0"])
