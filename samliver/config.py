@@ -17,9 +17,18 @@ DEFAULT_WINDOW = "abdomen"
 HEAD_KINDS = ("linear", "cnn", "vit", "autosam")
 """Prompt-free heads on the frozen encoder's embeddings (``samliver.heads``)."""
 
-PROTOCOLS = ("sparse", "slab")
-"""Splits of the sample case: ``sparse`` = K evenly spaced labelled slices, the others tested;
-``slab`` = labelled slices from the upper liver, tested on the lower block (z 72-127)."""
+PROTOCOLS = ("sparse", "slab", "slab-random", "sparse-random")
+"""Splits of the sample case (``datasets.protocol_split``, docs/design.md): ``sparse`` = K evenly
+spaced labelled slices, the others tested; ``slab`` = labelled slices from the upper liver,
+tested on the lower block (z 72-127); ``slab-random`` / ``sparse-random`` = families of such
+splits drawn from a split seed (a random labelled block and a disjoint test block; a random
+offset of the evenly spaced slices)."""
+
+FIXED_PROTOCOLS = ("sparse", "slab")
+"""The two fixed sample protocols (``--protocol both``)."""
+
+RANDOM_PROTOCOLS = ("slab-random", "sparse-random")
+"""The protocols drawn from a split seed (``--protocol random``, ``--splits N``)."""
 
 DEFAULT_K = 8
 """Labelled slices per volume in the headline comparison."""

@@ -14,14 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import PROTOCOLS
 from .download import download_file
 from .util import SamliverError, atomic_write_text
 
 # ----------------------------------------------------------------------------------------
 # splits by slice (the sample protocols: config.PROTOCOLS, docs/design.md)
 # ----------------------------------------------------------------------------------------
-PROTOCOLS = ("sparse", "slab")
 _REF_DEPTH = 128  # the protocols are defined on the 128-slice sample and scaled to other depths
+_SLAB_GAP = 8  # slices left out between a slab's labelled pool and its test block (slab: z 64-71)
 
 
 def liver_slices(label: np.ndarray) -> list[int]:
@@ -43,40 +44,102 @@ def _spread(pool: Sequence[int], k: int) -> list[int]:
     return sorted({pool[i] for i in idx})
 
 
-def protocol_split(label: np.ndarray, protocol: str = "sparse", k: int = 8) -> tuple[list[int], list[int]]:
-    """Labelled (train) and test axial slices for the sample protocols (default sparse, K=8).
+def protocol_split(label: np.ndarray, protocol: str = "sparse", k: int = 8,
+                   split: int = 0) -> tuple[list[int], list[int]]:
+    """Labelled (train) and test axial slices of a sample protocol (default sparse, K=8).
 
-    sparse: train z = round(linspace(4, 123, k)) on 128 slices (scaled to the depth), test =
-    every other slice. slab: pool z in [0, 64) with liver, k spread evenly over it; test z in
-    [72, 128) (scaled to the depth). Both lists sorted and disjoint. K = 1 takes the middle
-    (z = 64, the pool's middle slice): linspace's one point is its first end, a slice at the
-    edge of the liver, which is not the slice anyone would annotate alone.
+    Fixed protocols (``split`` is ignored):
+
+    - ``sparse``: train z = round(linspace(4, 123, k)) on 128 slices (scaled to the depth), test
+      = every other slice. K = 1 takes the middle (z = 64): linspace's one point is its first
+      end, a slice at the edge of the liver, which is not the slice anyone would annotate alone.
+    - ``slab``: pool z in [0, 64) with liver, k spread evenly over it; test z in [72, 128)
+      (scaled to the depth).
+
+    Protocols drawn from the seed ``split`` (``numpy.random.default_rng(split)``; the draw does
+    not depend on ``k``, so every K of one split uses the same blocks / offset):
+
+    - ``slab-random``: over the liver's z-range (first to last slice with liver, ``n`` slices),
+      a labelled block of ``L = round(n / 3)`` slices and a test block of ``L`` slices,
+      separated by a gap of 8 slices (scaled to the depth, at least 1) that is neither
+      labelled nor tested, so a test slice is never the direct neighbour of a labelled one. The
+      order (labelled block above or below) is a coin flip and the pair is placed at a uniform
+      offset in the z-range. The k labelled slices are spread evenly over the liver slices of
+      the labelled block (as in ``slab``); every slice of the test block is tested.
+    - ``sparse-random``: k slices evenly spaced over the liver slices (step ``s = m / k`` for
+      ``m`` liver slices) starting at a random offset ``u * s``, ``u`` uniform in [0, 1); test =
+      every other slice of the volume, as in ``sparse``: the question is still "annotate K
+      slices, segment all the rest", and the neighbours of a labelled slice are part of the
+      rest a user needs (leakage to unseen anatomy is what the slab protocols measure).
+
+    Both lists are sorted and disjoint.
+
+    Args:
+        label: the (z, y, x) reference label.
+        protocol: one of :data:`PROTOCOLS`.
+        k: labelled slices (>= 1).
+        split: the seed of a random protocol's draw (>= 0).
+
+    Returns:
+        ``(train, test)`` slice indices.
+
+    Raises:
+        SamliverError: a label that is not 3D, an unknown protocol, a negative split, or a K
+            that does not fit the protocol's labelled pool.
     """
     lab = np.asarray(label)
     if lab.ndim != 3:
         raise SamliverError(f"protocol_split expects a 3D (z, y, x) label, got shape {lab.shape}.")
     if k < 1:
         raise SamliverError(f"protocol_split needs k >= 1, got {k}.")
+    if protocol not in PROTOCOLS:
+        raise SamliverError(f"Unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+    if split < 0:
+        raise SamliverError(f"The split seed must be >= 0, got {split}.")
     depth = lab.shape[0]
     s = depth / _REF_DEPTH
     if protocol == "sparse":
         z = np.round(np.linspace(4 * s, 123 * s, k) if k > 1 else [63.5 * s]).astype(int)
         train = sorted({int(v) for v in np.clip(z, 0, depth - 1)})
         test = [z for z in range(depth) if z not in set(train)]
-    elif protocol == "slab":
+        return train, test
+    if protocol == "slab":
         pool_end, test_start = int(round(64 * s)), int(round(72 * s))
         pool = [z for z in liver_slices(lab) if z < pool_end]
         if not pool:
             raise SamliverError(f"slab protocol: no liver in slices [0, {pool_end}) of this volume.")
         if k > len(pool):
             raise SamliverError(
-                f"slab protocol: k={k} but only {len(pool)} slices in [0, {pool_end}) contain liver."
-            )
-        train = _spread(pool, k)
-        test = list(range(test_start, depth))
-    else:
-        raise SamliverError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
-    return train, test
+                f"slab protocol: k={k} but only {len(pool)} slices in [0, {pool_end}) contain liver: "
+                "choose a smaller K.")
+        return _spread(pool, k), list(range(test_start, depth))
+    liver = liver_slices(lab)
+    if not liver:
+        raise SamliverError(f"{protocol} protocol: the label has no liver (no voxel >= 1).")
+    rng = np.random.default_rng(split)
+    if protocol == "sparse-random":
+        if k > len(liver):
+            raise SamliverError(f"sparse-random protocol: k={k} but only {len(liver)} slices contain "
+                                "liver: choose a smaller K.")
+        step = len(liver) / k
+        idx = np.floor(rng.uniform(0, 1) * step + step * np.arange(k)).astype(int)
+        train = sorted({liver[i] for i in np.clip(idx, 0, len(liver) - 1)})
+        return train, [z for z in range(depth) if z not in set(train)]
+    # slab-random
+    first, n = liver[0], liver[-1] - liver[0] + 1
+    length, gap = int(round(n / 3)), max(1, int(round(_SLAB_GAP * s)))
+    if length < 1 or 2 * length + gap > n:
+        raise SamliverError(f"slab-random protocol: the liver spans {n} slices, too few for two "
+                            f"blocks of {max(length, 1)} and a gap of {gap}: use sparse-random.")
+    labelled_first = bool(rng.integers(2))
+    offset = first + int(rng.integers(0, n - (2 * length + gap) + 1))
+    lo, hi = (offset, offset + length + gap) if labelled_first else (offset + length + gap, offset)
+    pool = [z for z in liver if lo <= z < lo + length]
+    if k > len(pool):
+        raise SamliverError(f"slab-random protocol: k={k} but split {split}'s labelled block "
+                            f"(z {lo}-{lo + length - 1}) has only {len(pool)} liver slices: "
+                            "choose a smaller K.")
+    return _spread(pool, k), list(range(hi, hi + length))
 
 
 def select_label_slices(label: np.ndarray, k: int, seed: int = 0) -> list[int]:

@@ -1,6 +1,9 @@
 """Label-efficiency experiment: prompt-free heads vs UNet / SimCLR-UNet / zero-shot SAM vs K.
 
-On the sample case (default) both protocols (sparse and slab, docs/design.md) are run (``--protocol`` picks one);
+On the sample case (default) both fixed protocols (sparse and slab, docs/design.md) are run
+(``--protocol`` picks one); ``--protocol slab-random`` / ``sparse-random`` / ``random`` run a
+family of splits drawn from split seeds 0..N-1 (``--splits N``, default 10), reported as mean
++- sd over splits and as wins / losses per split of each head against each baseline;
 ``--train-slices`` / ``--test-slices`` run any split a user chooses (the slices someone
 actually annotated); ``--dataset`` (an MSD Task03_Liver / LiTS folder with ``imagesTr`` and
 ``labelsTr``) splits by volume: K labelled volumes, the held-out volumes for testing.
@@ -19,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .baselines import BASELINE_METHODS
 from .checkpoints import model_info
-from .config import HEAD_KINDS
+from .config import HEAD_KINDS, RANDOM_PROTOCOLS, RECIPES
 from .evaluation import label_dice, lesion_scores
 from .training import TrainConfig, recipe, train_head
 from .training import self_train as self_train_head
@@ -33,9 +37,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .io import CTVolume
     from .models import SamModel
 
-BASELINES = ("unet", "ssl", "zeroshot")
+BASELINES = (*BASELINE_METHODS, "zeroshot")
 """Baseline names ``samliver experiment --baselines`` takes: the image-space ones of
 :data:`samliver.baselines.BASELINE_METHODS` and ``zeroshot`` (prompted SAM)."""
+
+HEAD_METHODS = tuple(dict.fromkeys((*HEAD_KINDS, *RECIPES)))
+"""Head methods ``--heads`` takes: a head kind (its recipe, ``config.RECIPES[kind]``) or a
+recipe name such as ``default`` (the best recipe); records name the method as given."""
 
 
 def run_head(volume: CTVolume, embeddings: VolumeEmbeddings, model: SamModel, kind: str, train: list[int],
@@ -101,8 +109,13 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
                heads: list[str], baselines: list[str], seeds: list[int],
                train_slices: list[int] | None = None, test_slices: list[int] | None = None,
                steps: int | None = None, progress: bool = True,
-               log: Any = None, views: int = 0, self_train: int = 0) -> list[dict]:
+               log: Any = None, views: int = 0, self_train: int = 0,
+               splits: list[int] | None = None) -> list[dict]:
     """All runs for one volume and one protocol (or one user split); a list of records.
+
+    A random protocol (``slab-random``, ``sparse-random``) runs every split seed of ``splits``
+    (default ``[0]``); records carry ``split`` (the seed, None for a fixed protocol or a user
+    split). Records keep the keys ``method, protocol, k, seed, split, liver_dice, tumour_dice``.
 
     ``log`` (a writable text stream) gets one JSON line per finished run, so a long experiment
     that is interrupted keeps what it measured. ``views`` (default 0) cached augmented views
@@ -114,28 +127,36 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
     from .zero_shot import BASELINE_MODES, evaluate_zero_shot
 
     records: list[dict] = []
-    splits: list[tuple[int, list[int], list[int]]] = []
+    runs_to_do: list[tuple[int | None, int, list[int], list[int]]] = []
     if train_slices is not None:
         test = test_slices or [z for z in range(volume.hu.shape[0]) if z not in set(train_slices)]
         _check_split(volume, train_slices, test, None)
-        splits.append((len(train_slices), list(train_slices), list(test)))
+        runs_to_do.append((None, len(train_slices), list(train_slices), list(test)))
         protocol = "custom"
     else:
         from .datasets import protocol_split
 
-        for k in ks:
-            train, test = protocol_split(volume.label, protocol=protocol, k=k)
-            _check_split(volume, train, test, k)
-            splits.append((k, list(train), list(test)))
+        split_seeds: list[int | None] = list(splits or [0]) if protocol in RANDOM_PROTOCOLS else [None]
+        for split in split_seeds:
+            for k in ks:
+                train, test = protocol_split(volume.label, protocol=protocol, k=k, split=split or 0)
+                _check_split(volume, train, test, k)
+                runs_to_do.append((split, k, list(train), list(test)))
+    unknown = [m for m in heads if m not in HEAD_METHODS] + [
+        b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise SamliverError(f"Unknown method(s) {unknown}: heads {', '.join(HEAD_METHODS)}; "
+                            f"baselines {', '.join(BASELINES)}.")
     from tqdm.auto import tqdm
 
-    jobs = [(k, tr, te, m, s) for k, tr, te in splits for m in list(heads) + [
+    jobs = [(sp, k, tr, te, m, s) for sp, k, tr, te in runs_to_do for m in list(heads) + [
         b for b in baselines if b != "zeroshot"] for s in seeds]
-    for k, train, test, method, seed in tqdm(jobs, desc=f"experiment {protocol}",
-                                             disable=not progress):
+    for split, k, train, test, method, seed in tqdm(jobs, desc=f"experiment {protocol}",
+                                                    disable=not progress):
         runs = []
-        suffix = f"+{views}views" if views and method in HEAD_KINDS else ""
-        if method in HEAD_KINDS:
+        is_head = method in HEAD_METHODS
+        suffix = f"+{views}views" if views and is_head else ""
+        if is_head:
             out = run_head(volume, embeddings, model, method, train, test, seed=seed, steps=steps,
                            views=views, self_train=self_train)
             if self_train:
@@ -150,7 +171,7 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
             # Lesion-level figures over the test slices stacked in order (3D components).
             lesions = lesion_scores(res["pred"], volume.label[test]) if "pred" in res else {}
             records.append({"method": label, "protocol": protocol, "k": k, "seed": seed,
-                            "liver_dice": round(res["liver_dice"], 4),
+                            "split": split, "liver_dice": round(res["liver_dice"], 4),
                             "tumour_dice": round(res["tumour_dice"], 4),
                             **{key: _round(v) for key, v in lesions.items()},
                             "n_test": len(test), "seconds": res["seconds"]})
@@ -158,14 +179,22 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
                 log.write(json.dumps(records[-1]) + "\n")
                 log.flush()
     if "zeroshot" in baselines:
-        test = splits[0][2]
-        rows = evaluate_zero_shot(volume, model, list(test), modes=BASELINE_MODES, progress=False)
-        for row in rows:
-            records.append({"method": f"zeroshot:{row.get('mode', 'box')}", "protocol": protocol,
-                            "k": 0, "seed": 0,
-                            "liver_dice": _round(row.get("liver_dice")),
-                            "tumour_dice": _round(row.get("tumour_dice")),
-                            "n_test": len(test), "seconds": _round(row.get("seconds"))})
+        # Zero-shot needs no labelled slice (k 0): one run per split, on the test slices of
+        # that split's first K (the same for every K of a slab protocol).
+        firsts = {}
+        for split, _k, _train, test in runs_to_do:
+            firsts.setdefault(split, test)
+        for split, test in firsts.items():
+            rows = evaluate_zero_shot(volume, model, list(test), modes=BASELINE_MODES, progress=False)
+            for row in rows:
+                records.append({"method": f"zeroshot:{row.get('mode', 'box')}", "protocol": protocol,
+                                "k": 0, "seed": 0, "split": split,
+                                "liver_dice": _round(row.get("liver_dice")),
+                                "tumour_dice": _round(row.get("tumour_dice")),
+                                "n_test": len(test), "seconds": _round(row.get("seconds"))})
+                if log is not None:
+                    log.write(json.dumps(records[-1]) + "\n")
+                    log.flush()
     return records
 
 
@@ -220,36 +249,139 @@ def run_dataset(root: str | Path, model: SamModel, *, ks: list[int], heads: list
 # ----------------------------------------------------------------------------- outputs
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    """Mean and sample sd (ddof 1) over seeds per (protocol, method, k); sd 0 for one seed."""
+def _seed_means(records: list[dict]) -> dict[tuple, dict]:
+    """Mean over seeds per (protocol, method, k, split): one value per split and metric."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["protocol"], r["method"], r["k"]), []).append(r)
+        groups.setdefault((r["protocol"], r["method"], r["k"], r.get("split")), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        row: dict = {"n": len(rs)}
+        for metric in _METRICS:
+            vals = [r[metric] for r in rs if r.get(metric) is not None]
+            row[metric] = float(np.mean(vals)) if vals else None
+        out[key] = row
+    return out
+
+
+_METRICS = ("liver_dice", "tumour_dice", "lesion_f1", "burden_error")
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean and sample sd (ddof 1) per (protocol, method, k); sd 0 for one value.
+
+    For a fixed protocol the mean and sd are over seeds. For a random protocol (records with a
+    ``split``) each split's seeds are averaged first, then mean and sd are over the splits:
+    the spread then says how much the figure depends on which slices were labelled. ``n`` is
+    the number of runs, ``splits`` the number of splits (0 for a fixed protocol).
+    """
+    per_split = _seed_means(records)
+    groups: dict[tuple, list[tuple]] = {}
+    for key in per_split:
+        groups.setdefault(key[:3], []).append(key)
     rows = []
-    for (protocol, method, k), rs in sorted(groups.items(), key=lambda t: (t[0][0], t[0][2], t[0][1])):
-        row = {"protocol": protocol, "method": method, "k": k, "n": len(rs)}
-        for key in ("liver_dice", "tumour_dice", "lesion_f1", "burden_error"):
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            row[key] = float(np.mean(vals)) if vals else None
-            row[key + "_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    for (protocol, method, k), keys in sorted(groups.items(), key=lambda t: (t[0][0], t[0][2], t[0][1])):
+        has_splits = any(key[3] is not None for key in keys)
+        row = {"protocol": protocol, "method": method, "k": k,
+               "n": sum(per_split[key]["n"] for key in keys),
+               "splits": len(keys) if has_splits else 0}
+        for metric in _METRICS:
+            if has_splits:
+                vals = [per_split[key][metric] for key in keys if per_split[key][metric] is not None]
+            else:
+                vals = [r[metric] for r in records if (r["protocol"], r["method"], r["k"]) == (protocol, method, k)
+                        and r.get(metric) is not None]
+            row[metric] = float(np.mean(vals)) if vals else None
+            row[metric + "_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         rows.append(row)
     return rows
 
 
+def split_wins(records: list[dict], method: str, against: list[str] | None = None,
+               metrics: tuple[str, ...] = ("tumour_dice", "liver_dice")) -> list[dict]:
+    """Per-split wins and losses of ``method`` against each baseline.
+
+    For every (protocol, K, split) where both were run, the mean over seeds of ``method`` is
+    compared with the baseline's; a baseline record with ``k`` 0 (zero-shot: no labelled
+    slice) is compared at every K of its split. Only records with a ``split`` (random
+    protocols) count.
+
+    Args:
+        records: experiment records (``run_slices``).
+        method: the head's method name, e.g. ``"cnn"`` or ``"default"``.
+        against: baseline method names (default: every method in ``records`` whose name
+            starts with one of :data:`BASELINES`).
+        metrics: the Dice keys compared.
+
+    Returns:
+        One row per (protocol, K, baseline): ``protocol, k, method, against, splits`` and,
+        per metric, ``<metric>_wins``, ``<metric>_losses``, ``<metric>_ties``.
+    """
+    means = {key: v for key, v in _seed_means(records).items() if key[3] is not None}
+    if against is None:
+        against = sorted({key[1] for key in means if key[1].startswith(BASELINES)})
+    rows = []
+    mine = sorted({(key[0], key[2]) for key in means if key[1] == method}, key=str)
+    for protocol, k in mine:
+        for other in against:
+            row: dict = {"protocol": protocol, "k": k, "method": method, "against": other, "splits": 0}
+            row.update({f"{m}_{w}": 0 for m in metrics for w in ("wins", "losses", "ties")})
+            for (p, meth, kk, split), mv in means.items():
+                if (p, meth, kk) != (protocol, method, k):
+                    continue
+                ov = means.get((protocol, other, k, split)) or means.get((protocol, other, 0, split))
+                if ov is None:
+                    continue
+                row["splits"] += 1
+                for m in metrics:
+                    a, b = mv.get(m), ov.get(m)
+                    if a is None or b is None:
+                        continue
+                    row[f"{m}_{'wins' if a > b else 'losses' if a < b else 'ties'}"] += 1
+            if row["splits"]:
+                rows.append(row)
+    return rows
+
+
+def wins_table(records: list[dict], methods: list[str] | None = None) -> str:
+    """Markdown table of per-split wins / losses of each head against each baseline ('' if none)."""
+    heads = methods or sorted({r["method"] for r in records if r.get("split") is not None
+                               and not r["method"].startswith(BASELINES)})
+    rows = [row for h in heads for row in split_wins(records, h)]
+    if not rows:
+        return ""
+    lines = ["| protocol | K | head | vs | splits | tumour Dice wins / losses / ties | "
+             "liver Dice wins / losses / ties |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['protocol']} | {r['k']} | {r['method']} | {r['against']} | {r['splits']} | "
+                     f"{r['tumour_dice_wins']} / {r['tumour_dice_losses']} / {r['tumour_dice_ties']} | "
+                     f"{r['liver_dice_wins']} / {r['liver_dice_losses']} / {r['liver_dice_ties']} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(records: list[dict]) -> str:
-    """Markdown table of mean +- sd over seeds."""
-    lines = ["| protocol | K | method | liver Dice | tumour Dice | lesion F1 | burden error | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table of mean +- sd (over seeds; over splits for a random protocol), then the
+    per-split wins / losses table when there are random-protocol records."""
+    lines = ["| protocol | K | method | liver Dice | tumour Dice | lesion F1 | burden error | seeds | splits |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, sd):
         return "-" if v is None else (f"{v:.3f} ± {sd:.3f}" if sd else f"{v:.3f}")
 
     for r in summarise(records):
+        seeds = len({x["seed"] for x in records if (x["protocol"], x["method"], x["k"])
+                     == (r["protocol"], r["method"], r["k"])})
         lines.append(f"| {r['protocol']} | {r['k']} | {r['method']} | "
                      f"{fmt(r['liver_dice'], r['liver_dice_sd'])} | "
                      f"{fmt(r['tumour_dice'], r['tumour_dice_sd'])} | "
-                     f"{fmt(r['lesion_f1'], r['lesion_f1_sd'])} | {fmt(r['burden_error'], r['burden_error_sd'])} | {r['n']} |")
-    return "\n".join(lines) + "\n"
+                     f"{fmt(r['lesion_f1'], r['lesion_f1_sd'])} | {fmt(r['burden_error'], r['burden_error_sd'])} | "
+                     f"{seeds} | {r['splits'] or '-'} |")
+    text = "\n".join(lines) + "\n"
+    wins = wins_table(records)
+    if wins:
+        text += ("\nWins / losses per split (mean over seeds within a split; a higher Dice of "
+                 "the head is a win):\n\n" + wins)
+    return text
 
 
 def plot_results(records: list[dict], path: str | Path) -> Path:
@@ -264,7 +396,7 @@ def write_outputs(records: list[dict], out_dir: str | Path, stem: str = "experim
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = ["method", "protocol", "k", "seed", "liver_dice", "tumour_dice", "lesion_precision", "lesion_recall",
-            "lesion_f1", "burden_error", "n_test", "seconds"]
+            "lesion_f1", "burden_error", "n_test", "seconds", "split"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()

@@ -1,8 +1,10 @@
 """Measured results as stored run records, and ``docs/results.md`` rebuilt from them.
 
 A *section* is one measurement (``zeroshot``: prompted SAM with prompts simulated from the
-label, :func:`samliver.zero_shot.evaluate_zero_shot`; ``heads``: prompt-free heads and UNet
-baselines trained on K labelled slices, :func:`samliver.experiment.run_slices`). Running a
+label, :func:`samliver.zero_shot.evaluate_zero_shot`; ``heads``: prompt-free heads and
+baselines trained on K labelled slices, :func:`samliver.experiment.run_slices`, the grid of K x
+heads x baselines x seeds x protocols; ``splits``: the best head against the baselines on the
+random split families ``slab-random`` / ``sparse-random``, with wins / losses per split). Running a
 section appends one JSON line per finished measurement to ``<results dir>/<section>.jsonl`` and
 one line describing the run (command, commit, machine, wall time) to ``runs.jsonl``. A record
 carries every setting that changes its figure (model, protocol, K, method or mode, seed,
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from .config import DEFAULT_K, PROTOCOLS
+from .config import DEFAULT_K, FIXED_PROTOCOLS, PROTOCOLS, RANDOM_PROTOCOLS
 from .util import SamliverError, atomic_write_text, fast_mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SECTIONS: dict[str, str] = {
     "zeroshot": "Zero-shot prompted SAM (prompts simulated from the reference label)",
     "heads": "Prompt-free heads and baselines on K labelled slices",
+    "splits": "Split robustness: the best head against the baselines on random splits",
 }
 """Sections ``samliver results --run`` can compute, in page order, with their headings."""
 
@@ -56,8 +59,14 @@ _ENV_KEYS = ("SAMLIVER_FAST", "SAMLIVER_THREADS", "SAMLIVER_BACKEND", "SAMLIVER_
 # The fields that identify one measurement: a stored record with the same values is not rerun.
 _KEYS = {
     "zeroshot": ("model", "protocol", "k", "mode", "seed", "jitter"),
-    "heads": ("model", "protocol", "k", "method", "seed", "steps", "fast"),
+    "heads": ("model", "protocol", "k", "method", "seed", "split", "steps", "fast"),
+    "splits": ("model", "protocol", "k", "method", "seed", "split", "steps", "fast"),
 }
+
+FULL_STUDY = ("samliver results --run zeroshot,heads,splits --k 1,2,4,8,16 "
+              "--heads linear,cnn,vit,autosam,default --baselines unet,ssl,nnunet,zeroshot "
+              "--seeds 0,1,2 --splits 10 --device cuda")
+"""The one command of the whole study (every section, the issue's grid); it resumes."""
 
 
 def parse_sections(text: str | None) -> list[str]:
@@ -192,28 +201,31 @@ def _now() -> str:
 
 def run_section(section: str, volume: CTVolume, model: SamModel, *,
                 results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
-                protocols: tuple[str, ...] | list[str] = PROTOCOLS, ks: list[int] | None = None,
+                protocols: tuple[str, ...] | list[str] | None = None, ks: list[int] | None = None,
                 seeds: list[int] | None = None, heads: list[str] | None = None,
                 baselines: list[str] | None = None, modes: list[str] | None = None,
                 steps: int | None = None, jitter: float = 0.0, command: str | None = None,
                 note: str | None = None, volume_name: str | None = None, progress: bool = True,
-                log: Callable[[str], None] | None = None) -> dict:
+                log: Callable[[str], None] | None = None, splits: int = 10) -> dict:
     """Compute the records of ``section`` that ``results_dir`` does not hold yet, and store them.
 
     Each finished measurement is appended to ``<results_dir>/<section>.jsonl`` at once, so an
     interrupted run keeps what it measured and the next one resumes.
 
     Args:
-        section: ``"zeroshot"`` or ``"heads"``.
+        section: ``"zeroshot"``, ``"heads"`` or ``"splits"``.
         volume: a labelled CT volume (the sample case for the published tables).
         model: the SAM model whose frozen encoder is used.
         results_dir: the folder of the JSON-lines records (created if missing).
-        protocols: sample protocols to run (default both, ``sparse`` and ``slab``).
+        protocols: sample protocols to run (default: ``sparse`` and ``slab``; for ``splits``
+            ``slab-random`` and ``sparse-random``).
         ks: labelled slices per run (default ``[8]``); for ``zeroshot`` it fixes the sparse
             protocol's test slices.
         seeds: seeds (default ``[0]``).
-        heads: prompt-free head kinds for ``heads`` (default ``["cnn"]``).
-        baselines: ``unet`` / ``ssl`` for ``heads`` (default none).
+        heads: head kinds or recipe names (``experiment.HEAD_METHODS``; default ``["cnn"]``,
+            for ``splits`` ``["default"]``, the best recipe).
+        baselines: names of ``experiment.BASELINES`` for ``heads`` / ``splits`` (default none);
+            ``zeroshot`` runs prompted SAM's baseline modes once per split (K 0, seed 0).
         modes: zero-shot prompt modes (default all of :data:`samliver.zero_shot.MODES`).
         steps: training steps for ``heads`` (default: each method's recipe).
         jitter: box jitter in pixels for ``zeroshot`` (default 0: tight boxes).
@@ -222,6 +234,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
         volume_name: how the run names the volume (default: the file name of its source).
         progress: show progress bars.
         log: called with one line per measurement started (default: nothing).
+        splits: random protocols: split seeds ``0 .. splits - 1`` (default 10).
 
     Returns:
         The run's description as stored in ``runs.jsonl``: ``run_id, section, command, commit,
@@ -231,27 +244,29 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
         SamliverError: an unknown section, protocol, head, baseline or mode, or a volume
             without a label.
     """
-    from .experiment import BASELINES, run_slices
-    from .zero_shot import MODES, evaluate_zero_shot
+    from .experiment import BASELINES, HEAD_METHODS, run_slices
+    from .zero_shot import BASELINE_MODES, MODES, evaluate_zero_shot
 
     parse_sections(section)
     if volume.label is None:
         raise SamliverError(f"{volume.source} has no label: results need a labelled volume (pass --label).")
+    if protocols is None:
+        protocols = RANDOM_PROTOCOLS if section == "splits" else FIXED_PROTOCOLS
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
         raise SamliverError(f"Unknown protocol {bad}: choose from {', '.join(PROTOCOLS)}.")
+    if splits < 1:
+        raise SamliverError(f"The number of splits must be >= 1, got {splits}.")
     ks = list(ks or [DEFAULT_K])
     seeds = list(seeds if seeds is not None else [0])
-    heads = list(heads if heads is not None else ["cnn"])
-    baselines = [b for b in (baselines or []) if b != "zeroshot"]
-    from .config import HEAD_KINDS
-
-    bad = [h for h in heads if h not in HEAD_KINDS] + [b for b in baselines if b not in BASELINES]
+    heads = list(heads if heads is not None else (["default"] if section == "splits" else ["cnn"]))
+    baselines = list(baselines or [])
+    bad = [h for h in heads if h not in HEAD_METHODS] + [b for b in baselines if b not in BASELINES]
     modes = list(modes or MODES)
     bad += [m for m in modes if m not in MODES] if section == "zeroshot" else []
     if bad:
-        raise SamliverError(f"Unknown method(s) {bad}: heads {', '.join(HEAD_KINDS)}; baselines "
-                            f"unet, ssl; zero-shot modes {', '.join(MODES)}.")
+        raise SamliverError(f"Unknown method(s) {bad}: heads {', '.join(HEAD_METHODS)}; baselines "
+                            f"{', '.join(BASELINES)}; zero-shot modes {', '.join(MODES)}.")
     say = log or (lambda _msg: None)
 
     results_dir = Path(results_dir)
@@ -285,6 +300,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
     from .datasets import protocol_split
     from .embeddings import embed_volume
 
+    emb = None  # embedded once, only if a head or baseline is left to run
     for protocol in protocols:
         for k in ks:
             if section == "zeroshot":
@@ -308,26 +324,33 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                             store({**base, **row, "protocol": protocol, "k": k, "seed": seed,
                                    "jitter": float(jitter), "test_slices": [test[0], test[-1]]})
             else:
-                emb = None  # embedded once per split, only if something is left to run
-                for method in heads + baselines:
-                    for seed in seeds:
-                        key = {**base, "protocol": protocol, "k": k, "method": method,
-                               "seed": seed, "steps": steps, "fast": fast}
-                        if record_key(section, key) in done or stored_meanwhile(key):
-                            n_skipped += 1
+                for split in (range(splits) if protocol in RANDOM_PROTOCOLS else [None]):
+                    for method in heads + baselines:
+                        # Zero-shot needs no labelled slice: one run (k 0, seed 0, every
+                        # baseline mode) per split, at the first K.
+                        zs = method == "zeroshot"
+                        if zs and k != ks[0]:
                             continue
-                        say(f"heads {protocol} K={k} {method} seed {seed}")
-                        if emb is None:
-                            train, test = protocol_split(volume.label, protocol, k=k)
-                            emb = embed_volume(volume, model, slices=sorted(set(train) | set(test)),
-                                               progress=progress)
-                        is_head = method in HEAD_KINDS
-                        recs = run_slices(volume, model, emb, protocol=protocol, ks=[k],
-                                          heads=[method] if is_head else [],
-                                          baselines=[] if is_head else [method], seeds=[seed],
-                                          steps=steps, progress=False)
-                        for rec in recs:
-                            store({**rec, **key, "method": rec["method"]})
+                        for seed in ([0] if zs else seeds):
+                            key = {**base, "protocol": protocol, "k": 0 if zs else k, "method": method,
+                                   "seed": seed, "split": split, "steps": steps, "fast": fast}
+                            wanted = ([{**key, "method": f"zeroshot:{m}"} for m in BASELINE_MODES]
+                                      if zs else [key])
+                            if all(record_key(section, w) in done or stored_meanwhile(w) for w in wanted):
+                                n_skipped += 1
+                                continue
+                            say(f"{section} {protocol} K={k}{'' if split is None else f' split {split}'} "
+                                f"{method} seed {seed}")
+                            if emb is None:  # every slice, once: the cache serves each split
+                                emb = embed_volume(volume, model, progress=progress)
+                            is_head = method in HEAD_METHODS
+                            recs = run_slices(volume, model, emb, protocol=protocol, ks=[k],
+                                              heads=[method] if is_head else [],
+                                              baselines=[] if is_head else [method], seeds=[seed],
+                                              steps=steps, progress=False,
+                                              splits=None if split is None else [split])
+                            for rec in recs:
+                                store({**rec, **key, "method": rec["method"]})
     info.update(wall_s=round(time.perf_counter() - t0, 1), n_new=n_new, n_skipped=n_skipped,
                 finished=True)
     if n_new:
@@ -386,26 +409,50 @@ def _zeroshot_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _split_values(rs: list[dict], metric: str) -> list[float | None]:
+    """A metric's values: per run for a fixed split; per split (mean over its seeds) for a random protocol."""
+    if all(r.get("split") is None for r in rs):
+        return [r.get(metric) for r in rs]
+    by_split: dict[Any, list[float]] = {}
+    for r in rs:
+        if r.get(metric) is not None:
+            by_split.setdefault(r.get("split"), []).append(float(r[metric]))
+    return [float(np.mean(v)) for v in by_split.values()]
+
+
 def _heads_table(records: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r.get("model"), r["protocol"], r["k"], r["method"], r.get("steps"),
                            r.get("fast")), []).append(r)
     lines = ["| model | protocol | K | method | steps | liver Dice | tumour Dice | seeds | "
-             "s / run (median) |", "|---|---|---|---|---|---|---|---|---|"]
+             "s / run (median) | splits |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, protocol, k, method, steps, fast), rs in sorted(
             groups.items(), key=lambda t: tuple(str(v) for v in t[0])):
         secs = [r["seconds"] for r in rs if r.get("seconds") is not None]
         step_txt = ("recipe" if steps is None else str(steps)) + (" (FAST)" if fast else "")
         sec_txt = f"{np.median(secs):.0f}" if secs else "—"
+        n_splits = len({r.get("split") for r in rs if r.get("split") is not None})
         lines.append(f"| {model} | {protocol} | {k} | `{method}` | {step_txt} | "
-                     f"{_mean_sd([r.get('liver_dice') for r in rs])} | "
-                     f"{_mean_sd([r.get('tumour_dice') for r in rs])} | {len({r['seed'] for r in rs})} | "
-                     f"{sec_txt} |")
+                     f"{_mean_sd(_split_values(rs, 'liver_dice'))} | "
+                     f"{_mean_sd(_split_values(rs, 'tumour_dice'))} | {len({r['seed'] for r in rs})} | "
+                     f"{sec_txt} | {n_splits or '—'} |")
     return lines
 
 
-_TABLES = {"zeroshot": _zeroshot_table, "heads": _heads_table}
+def _splits_table(records: list[dict]) -> list[str]:
+    from .experiment import wins_table
+
+    lines = _heads_table(records)
+    wins = wins_table(records)
+    if wins:
+        lines += ["", "Wins / losses per split: on how many splits the head's Dice (mean over its "
+                  "seeds on that split) is higher / lower / equal than the baseline's.", "",
+                  *wins.rstrip("\n").splitlines()]
+    return lines
+
+
+_TABLES = {"zeroshot": _zeroshot_table, "heads": _heads_table, "splits": _splits_table}
 
 _INTRO = {
     "zeroshot": (
@@ -419,17 +466,27 @@ _INTRO = {
         "each protocol and scored by global Dice over the protocol's test slices after "
         "post-processing. Mean ± sample sd over seeds (a seed changes initialisation, batch "
         "order and augmentation; the split is fixed). Seconds per run include training and "
-        "prediction."),
+        "prediction. `default` is the best recipe (`config.RECIPES['default']`), chosen on the "
+        "fixed protocols before any random split was drawn. The figure below plots Dice against K "
+        "(mean and sd band)."),
+    "splits": (
+        "Does the comparison hold on other splits? The random split families of docs/design.md "
+        "(`slab-random`: a random labelled block of the liver and a disjoint test block 8 slices "
+        "away; `sparse-random`: the K evenly spaced slices at a random offset), split seeds "
+        "0 … N−1. Each split's seeds are averaged, then mean ± sample sd is over the splits. "
+        "Recipes are the fixed ones: nothing was tuned on these test slices."),
 }
 
 
 def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
-                   results_label: str | None = None) -> str:
+                   results_label: str | None = None, figure: str | None = None) -> str:
     """The results page: every section with stored records, then ``earlier.md`` verbatim.
 
     Args:
         results_dir: the folder holding ``<section>.jsonl``, ``runs.jsonl`` and ``earlier.md``.
         results_label: how the page names that folder (default: ``results_dir`` as given).
+        figure: the Dice-vs-K figure's path relative to the page, shown in the ``heads``
+            section (default: none).
 
     Returns:
         The Markdown text.
@@ -451,7 +508,12 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
         "- `samliver results --run zeroshot,heads` first computes the records that are missing "
         "(records already stored are skipped, so an interrupted run resumes), then rebuilds it;",
         "- options choose what a run covers: `--protocol`, `--k`, `--seeds`, `--heads`, "
-        "`--baselines`, `--steps` (see `samliver results --help`).",
+        "`--baselines`, `--steps`, `--splits`, `--split-k`, `--split-heads` (see "
+        "`samliver results --help`);",
+        f"- the whole study (K 1–16 × every head and the best recipe × every baseline × seeds "
+        f"0–2 × both protocols, and 10 random splits of each family) is one command, for a GPU: "
+        f"`{FULL_STUDY}`. It resumes, so it can be stopped and rerun; each section below says "
+        "what was run here.",
         "",
         f"Built {_now()}, commit {git_commit() or 'unknown'}. Timings depend on the machine's "
         "load: each run's load average at its start is listed with it.",
@@ -465,8 +527,9 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
     volumes = sorted({str(r.get("volume")) for r in runs})
     if volumes == ["sample"]:
         out[-2] += (" All figures come from one real LiTS case (the sample, 128³ around the liver, "
-                    "spacing unknown) with the two sample protocols of docs/design.md: they show "
-                    "how the method behaves and how to measure it, not how it generalises.")
+                    "spacing unknown) with the sample protocols of docs/design.md (two fixed splits, and "
+                    "families of random splits for the splits section): they show how the method "
+                    "behaves and how to measure it, not how it generalises to other patients.")
     elif volumes:
         out[-2] += f" Volumes: {', '.join(volumes)}."
     for section, title in SECTIONS.items():
@@ -486,6 +549,8 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
         ids = {r.get("run_id") for r in records}
         out += _runs_table([r for r in runs if r.get("run_id") in ids and r.get("section") == section])
         out += ["", *_TABLES[section](records), ""]
+        if section == "heads" and figure:
+            out += [f"![Dice against K per method, mean and sd band over seeds]({figure})", ""]
     earlier = results_dir / EARLIER_FILE
     if earlier.exists():
         out += [earlier.read_text().rstrip(), ""]
@@ -496,15 +561,30 @@ def write_markdown(output: str | os.PathLike = DEFAULT_OUTPUT,
                    results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, **kwargs: Any) -> Path:
     """Build the page (:func:`build_markdown`) and write it atomically to ``output``.
 
+    When the ``heads`` section has records, the Dice-vs-K figure
+    (``visualization.label_efficiency_figure``) is written next to the page, as ``output``
+    with the suffix ``.png``, and shown in it.
+
     Raises:
         SamliverError: ``output`` is one of the records files (never overwrite an input).
     """
     output, results_dir = Path(output), Path(results_dir)
     inputs = [results_dir / f"{s}.jsonl" for s in SECTIONS] + [results_dir / RUNS_FILE,
                                                                results_dir / EARLIER_FILE]
-    if any(output.resolve() == p.resolve() for p in inputs):
+    figure = output.with_suffix(".png")
+    if any(p.resolve() in {q.resolve() for q in inputs} for p in (output, figure)):
         raise SamliverError(f"--output {output} is one of the records it is built from: choose "
                             "another file (default docs/results.md).")
+    heads = read_jsonl(results_dir / "heads.jsonl")
+    if heads:
+        from .experiment import summarise
+        from .visualization import label_efficiency_figure, save_figure
+
+        rows = summarise([{**r, "method": r["method"] + (" (FAST)" if r.get("fast") else "")}
+                          for r in heads])
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_figure(label_efficiency_figure(rows), figure, dpi=100)
+        kwargs.setdefault("figure", figure.name)
     return atomic_write_text(output, build_markdown(results_dir, **kwargs))
 
 

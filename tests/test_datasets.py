@@ -62,6 +62,48 @@ def test_protocol_errors(phantom):
         protocol_split(phantom.label[0], "sparse")
 
 
+@pytest.mark.parametrize("protocol", ["slab-random", "sparse-random"])
+def test_random_protocols_deterministic_disjoint_and_k_fits(sample_volume, protocol):
+    lab = sample_volume.label
+    liver = set(liver_slices(lab))
+    draws = []
+    for split in range(10):
+        train, test = protocol_split(lab, protocol, k=8, split=split)
+        assert (train, test) == protocol_split(lab, protocol, k=8, split=split)  # deterministic
+        assert len(train) == 8 and set(train) <= liver and train == sorted(train)
+        assert set(train).isdisjoint(test) and test == sorted(test) and test
+        if protocol == "slab-random":
+            # one contiguous test block, at least the gap away from every labelled slice
+            assert test == list(range(test[0], test[-1] + 1))
+            assert min(abs(a - b) for a in train for b in test) > 8
+            # the blocks do not depend on K: K = 1 and K = 16 use the same test block
+            assert protocol_split(lab, protocol, k=16, split=split)[1] == test
+            assert len(protocol_split(lab, protocol, k=16, split=split)[0]) == 16
+        else:
+            assert sorted(train + test) == list(range(lab.shape[0]))
+            gaps = np.diff(train)
+            assert gaps.max() - gaps.min() <= 1  # still evenly spaced
+        draws.append(tuple(train))
+    assert len(set(draws)) >= 5  # the split seed moves the labelled slices
+    # split is ignored by the fixed protocols
+    assert protocol_split(lab, "slab", k=8, split=3) == protocol_split(lab, "slab", k=8)
+
+
+def test_random_protocol_errors(sample_volume, phantom):
+    with pytest.raises(SamliverError, match="k=100.*smaller K") as err:
+        protocol_split(sample_volume.label, "slab-random", k=100, split=2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SamliverError, match="smaller K"):
+        protocol_split(sample_volume.label, "sparse-random", k=200)
+    with pytest.raises(SamliverError, match="split seed"):
+        protocol_split(sample_volume.label, "sparse-random", k=2, split=-1)
+    train, test = protocol_split(phantom.label, "slab-random", k=2, split=1)  # depth 32: gap 2
+    assert len(train) == 2 and min(abs(a - b) for a in train for b in test) > 2
+    empty = np.zeros((8, 4, 4), np.uint8)
+    with pytest.raises(SamliverError, match="no liver"):
+        protocol_split(empty, "slab-random", k=1)
+
+
 def test_select_label_slices(sample_volume, phantom):
     pool = liver_slices(phantom.label)
     sel = select_label_slices(phantom.label, 4)

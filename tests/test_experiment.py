@@ -151,3 +151,80 @@ def test_cli_volume_without_label(tmp_path):
     with pytest.raises(SamliverError, match="no label"):
         experiment_cli.main([str(src), "--model", "tiny", "--heads", "linear", "--baselines", "",
                          "--k", "1", "--seeds", "0", "--output-dir", str(tmp_path / "o")])
+
+
+def test_random_protocol_records_carry_the_split(tmp_path, monkeypatch):
+    vol, model, emb = _tiny_setup(tmp_path, monkeypatch)
+    log = tmp_path / "partial.jsonl"
+    with open(log, "w") as fh:
+        recs = experiment.run_slices(vol, model, emb, protocol="slab-random", ks=[1],
+                                     heads=["linear", "default"], baselines=["unet"], seeds=[0],
+                                     steps=1, progress=False, splits=[0, 1], log=fh)
+    assert [(r["method"], r["split"]) for r in recs] == [
+        ("linear", 0), ("default", 0), ("unet", 0), ("linear", 1), ("default", 1), ("unet", 1)]
+    for r in recs:
+        assert {"method", "protocol", "k", "seed", "split", "liver_dice", "tumour_dice"} <= set(r)
+        assert r["protocol"] == "slab-random" and r["k"] == 1
+    assert len(log.read_text().splitlines()) == 6
+    fixed = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[1], heads=["linear"],
+                                  baselines=[], seeds=[0], steps=1, progress=False, splits=[0, 1])
+    assert [r["split"] for r in fixed] == [None]  # a fixed protocol has one split
+    with pytest.raises(SamliverError, match="Unknown method"):
+        experiment.run_slices(vol, model, emb, protocol="sparse", ks=[1], heads=["resnet"],
+                              baselines=[], seeds=[0], progress=False)
+
+
+def _split_records():
+    """cnn beats unet on splits 0 and 1 (tumour), loses on split 2; zero-shot (k 0) always loses."""
+    recs = []
+    tumour = {"cnn": [0.8, 0.7, 0.5], "unet": [0.6, 0.6, 0.6]}
+    for method, values in tumour.items():
+        for split, t in enumerate(values):
+            for seed in (0, 1):
+                recs.append({"method": method, "protocol": "slab-random", "k": 8, "seed": seed,
+                             "split": split, "liver_dice": 0.9 if method == "cnn" else 0.8,
+                             "tumour_dice": t + (0.02 if seed else -0.02)})
+    for split in range(3):
+        recs.append({"method": "zeroshot:liver_box", "protocol": "slab-random", "k": 0, "seed": 0,
+                     "split": split, "liver_dice": 0.5, "tumour_dice": None})
+    return recs
+
+
+def test_split_wins_count_per_split_means():
+    rows = {r["against"]: r for r in experiment.split_wins(_split_records(), "cnn")}
+    assert set(rows) == {"unet", "zeroshot:liver_box"}
+    unet = rows["unet"]
+    assert unet["splits"] == 3 and (unet["k"], unet["protocol"]) == (8, "slab-random")
+    assert (unet["tumour_dice_wins"], unet["tumour_dice_losses"], unet["tumour_dice_ties"]) == (2, 1, 0)
+    assert (unet["liver_dice_wins"], unet["liver_dice_losses"]) == (3, 0)
+    zs = rows["zeroshot:liver_box"]
+    assert zs["splits"] == 3 and zs["liver_dice_wins"] == 3 and zs["tumour_dice_wins"] == 0
+    assert experiment.split_wins(_split_records(), "cnn", against=["unet"])[0]["against"] == "unet"
+    assert experiment.split_wins(_records(), "cnn") == []  # fixed protocols have no splits
+
+
+def test_summary_over_random_splits_and_wins_table():
+    recs = _split_records()
+    cnn = [r for r in experiment.summarise(recs) if r["method"] == "cnn"][0]
+    # seeds averaged within a split first: sd is over the three split means
+    assert cnn["tumour_dice"] == pytest.approx(2 / 3) and cnn["splits"] == 3 and cnn["n"] == 6
+    assert cnn["tumour_dice_sd"] == pytest.approx(np.std([0.8, 0.7, 0.5], ddof=1))
+    md = experiment.markdown_table(recs)
+    assert "| slab-random | 8 | cnn | 0.900 | 0.667 ± 0.153 |" in md
+    assert "| slab-random | 8 | cnn | unet | 3 | 2 / 1 / 0 | 3 / 0 / 0 |" in md
+    assert "wins / losses" in experiment.markdown_table(recs).lower()
+    assert "Wins" not in experiment.markdown_table(_records())
+
+
+def test_baselines_follow_the_baselines_module():
+    from samliver.baselines import BASELINE_METHODS
+
+    assert experiment.BASELINES == (*BASELINE_METHODS, "zeroshot")
+    assert "default" in experiment.HEAD_METHODS and "cnn" in experiment.HEAD_METHODS
+
+
+def test_cli_protocol_and_splits_errors():
+    with pytest.raises(SystemExit):
+        experiment_cli.main(["--protocol", "dense"])
+    with pytest.raises(SamliverError, match="--splits"):
+        experiment_cli.main(["--protocol", "random", "--splits", "0"])

@@ -143,3 +143,61 @@ def test_an_interrupted_run_keeps_its_records_and_description(tiny, tmp_path, mo
                                heads=["cnn"], seeds=[0, 1], progress=False)
     assert calls == [1] and info["finished"] and info["n_skipped"] == 1  # resumed where it stopped
     assert len(results.read_jsonl(rdir / "runs.jsonl")) == 2
+
+
+def test_splits_section_resumes_and_shows_wins(tiny, tmp_path):
+    volume, model = tiny
+    rdir = tmp_path / "results"
+    opts = dict(results_dir=rdir, protocols=["slab-random"], ks=[1], heads=["linear"],
+                baselines=["unet"], seeds=[0], steps=1, progress=False)
+    info = results.run_section("splits", volume, model, splits=2, **opts)
+    recs = results.read_jsonl(rdir / "splits.jsonl")
+    assert info["n_new"] == 4 and len(recs) == 4
+    assert sorted((r["method"], r["split"]) for r in recs) == [("linear", 0), ("linear", 1),
+                                                               ("unet", 0), ("unet", 1)]
+    assert all({"method", "protocol", "k", "seed", "split", "liver_dice", "tumour_dice"} <= set(r)
+               for r in recs)
+    # One more split: only its two measurements run; the stored four are skipped.
+    again = results.run_section("splits", volume, model, splits=3, **opts)
+    assert again["n_new"] == 2 and again["n_skipped"] == 4
+    out = results.write_markdown(tmp_path / "docs" / "results.md", rdir)
+    page = out.read_text()
+    assert "| tiny | slab-random | 1 | `linear` | 1 (FAST) |" in page and "| 3 |" in page
+    assert "| slab-random | 1 | linear | unet | 3 |" in page  # the wins / losses row
+    assert results.FULL_STUDY in page
+    assert not (tmp_path / "docs" / "results.png").exists()  # no heads records: no figure
+
+
+def test_figure_written_next_to_the_page(tmp_path):
+    rdir = tmp_path / "results"
+    rdir.mkdir()
+    rec = {"model": "tiny", "protocol": "sparse", "method": "cnn", "seed": 0, "tumour_dice": 0.5,
+           "steps": None, "fast": False, "seconds": 3}
+    (rdir / "heads.jsonl").write_text("".join(json.dumps({**rec, "k": k, "liver_dice": 0.5 + k / 20}) + "\n"
+                                              for k in (1, 2, 4)))
+    page = results.write_markdown(tmp_path / "docs" / "results.md", rdir)
+    assert (tmp_path / "docs" / "results.png").stat().st_size > 5000
+    assert "](results.png)" in page.read_text()
+
+
+def test_cli_passes_the_grid_and_the_split_options(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_section(section, volume, model, **kw):
+        calls.append((section, kw))
+        return {"n_new": 0, "n_skipped": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(results_cli, "run_section", fake_run_section)
+    monkeypatch.setattr(results_cli.options, "load_volume", lambda args: None)
+    monkeypatch.setattr(results_cli.options, "load_model", lambda args: None)
+    argv = ["--run", "heads,splits", "--k", "1,2", "--heads", "linear,default", "--baselines",
+            "unet,zeroshot", "--seeds", "0,1", "--splits", "4", "--split-k", "8",
+            "--results-dir", str(tmp_path / "r"), "-o", str(tmp_path / "p.md")]
+    assert results_cli.main(argv) == 0
+    (_, heads), (_, splits) = calls
+    assert heads["protocols"] == ["sparse", "slab"] and heads["ks"] == [1, 2]
+    assert heads["heads"] == ["linear", "default"] and heads["baselines"] == ["unet", "zeroshot"]
+    assert splits["protocols"] == ["slab-random", "sparse-random"] and splits["ks"] == [8]
+    assert splits["heads"] == ["default"] and splits["splits"] == 4 and splits["seeds"] == [0, 1]
+    with pytest.raises(SamliverError, match="--splits"):
+        results_cli.main(["--run", "splits", "--splits", "0"])

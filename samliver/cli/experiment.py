@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import HEAD_KINDS
+from ..config import FIXED_PROTOCOLS, HEAD_KINDS, PROTOCOLS, RANDOM_PROTOCOLS
 from ..embeddings import embed_volume
-from ..experiment import BASELINES, markdown_table, read_records, run_dataset, run_slices, write_outputs
+from ..experiment import BASELINES, HEAD_METHODS, markdown_table, read_records, run_dataset, run_slices, write_outputs
 from ..experiment import __doc__ as EXPERIMENT_DOC
 from ..util import SamliverError, check_number, parse_slice_spec
 from . import options
@@ -30,10 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     options.add_volume(p, optional=True)
     p.add_argument("--dataset", help="MSD Task03_Liver / LiTS folder: split by volume")
     p.add_argument("--k", default="1,2,4,8,16", help="labelled slices (volumes with --dataset)")
-    p.add_argument("--heads", default=",".join(HEAD_KINDS))
-    p.add_argument("--baselines", default="unet,ssl,zeroshot")
+    p.add_argument("--heads", default=",".join(HEAD_KINDS),
+                   help=f"head kinds or recipe names: {', '.join(HEAD_METHODS)} (default: every "
+                        "head kind; 'default' = the best recipe, config.RECIPES['default'])")
+    p.add_argument("--baselines", default="unet,ssl,zeroshot",
+                   help=f"{', '.join(BASELINES)} or none")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--protocol", default="both", choices=["sparse", "slab", "both"])
+    p.add_argument("--protocol", default="both", choices=[*PROTOCOLS, "both", "random"],
+                   help="both = sparse and slab; random = slab-random and sparse-random")
+    p.add_argument("--splits", type=int, default=10,
+                   help="random protocols: split seeds 0..N-1 (default 10)")
     p.add_argument("--train-slices", help="user split: labelled slices, e.g. 3,20,41")
     p.add_argument("--test-slices", help="user split: test slices, e.g. 50-90 (default: the rest)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per method)")
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     check_number("--steps", args.steps, minimum=1)
+    check_number("--splits", args.splits, minimum=1)
     check_number("--views", args.views, minimum=0)
     check_number("--self-train", args.self_train, minimum=0)
     if args.report:
@@ -68,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SamliverError(f"--k and --seeds take comma-separated integers ({err}).") from err
     if any(k < 1 for k in ks):
         raise SamliverError("--k values must be >= 1.")
-    heads = csv_list(args.heads, HEAD_KINDS, "heads")
-    baselines = csv_list(args.baselines, BASELINES, "baselines")
+    heads = csv_list(args.heads, HEAD_METHODS, "heads")
+    baselines = csv_list("" if args.baselines == "none" else args.baselines, BASELINES, "baselines")
     model = options.load_model(args)
     progress = not args.json
     if args.dataset:
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if train is not None:
             needed = sorted(set(train) | set(test or range(volume.hu.shape[0])))
         embeddings = embed_volume(volume, model, slices=needed, progress=progress)
-        protocols = ["sparse", "slab"] if args.protocol == "both" else [args.protocol]
+        protocols = {"both": list(FIXED_PROTOCOLS), "random": list(RANDOM_PROTOCOLS)}.get(
+            args.protocol, [args.protocol])
         if train is not None:
             protocols = ["custom"]
         records = []
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                       heads=heads, baselines=baselines, seeds=seeds,
                                       train_slices=train, test_slices=test, steps=args.steps,
                                       progress=progress, log=log, views=args.views,
-                                      self_train=args.self_train)
+                                      self_train=args.self_train,
+                                      splits=list(range(args.splits)))
     paths = write_outputs(records, args.output_dir)
     if args.json:
         print(json.dumps(records))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import DEFAULT_K, HEAD_KINDS, PROTOCOLS
+from ..config import DEFAULT_K, FIXED_PROTOCOLS, PROTOCOLS, RANDOM_PROTOCOLS
+from ..experiment import BASELINES, HEAD_METHODS
 from ..results import DEFAULT_OUTPUT, DEFAULT_RESULTS_DIR, SECTIONS, command_line, parse_sections, run_section, write_markdown
 from ..results import __doc__ as RESULTS_DOC
 from ..util import SamliverError, check_number, check_output_path
@@ -39,12 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"the page to write (default {DEFAULT_OUTPUT})")
     options.add_volume(p, optional=True)
     options.add_model(p)
-    p.add_argument("--protocol", default="both", choices=[*PROTOCOLS, "both"],
-                   help="sample protocol(s) to run (default both)")
+    p.add_argument("--protocol", default="both", choices=[*PROTOCOLS, "both", "random"],
+                   help="sample protocol(s) of the zeroshot and heads sections (default both = "
+                        "sparse and slab; random = slab-random and sparse-random)")
     p.add_argument("--k", default=str(DEFAULT_K), help=f"labelled slices, comma list (default {DEFAULT_K})")
     p.add_argument("--seeds", default="0", help="comma list (default 0)")
-    p.add_argument("--heads", default="cnn", help=f"heads for the heads section: {','.join(HEAD_KINDS)} (default cnn)")
-    p.add_argument("--baselines", default="none", help="unet,ssl or none (default none) for the heads section")
+    p.add_argument("--heads", default="cnn",
+                   help=f"heads for the heads section: {','.join(HEAD_METHODS)} (default cnn)")
+    p.add_argument("--baselines", default="none",
+                   help=f"baselines for the heads and splits sections: {','.join(BASELINES)} or "
+                        "none (default none)")
+    p.add_argument("--splits", type=int, default=10,
+                   help="random protocols: split seeds 0..N-1 (default 10)")
+    p.add_argument("--split-protocol", default="random", choices=[*RANDOM_PROTOCOLS, "random"],
+                   help="the splits section's split family (default random = both)")
+    p.add_argument("--split-k", default=str(DEFAULT_K),
+                   help=f"labelled slices in the splits section (default {DEFAULT_K})")
+    p.add_argument("--split-heads", default="default",
+                   help="heads of the splits section (default: default, the best recipe)")
     p.add_argument("--modes", default="", help="zero-shot prompt modes (default all)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: each method's recipe)")
     p.add_argument("--jitter", type=float, default=0.0, help="zero-shot box jitter in pixels (default 0)")
@@ -55,17 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     sections = parse_sections(args.run)
     check_number("--steps", args.steps, minimum=1)
     check_number("--jitter", args.jitter, minimum=0)
+    check_number("--splits", args.splits, minimum=1)
     ks, seeds = _ints(args.k, "--k"), _ints(args.seeds, "--seeds")
-    if min(ks) < 1:
-        raise SamliverError("--k values must be >= 1.")
+    split_ks = _ints(args.split_k, "--split-k")
+    if min(ks + split_ks) < 1:
+        raise SamliverError("--k and --split-k values must be >= 1.")
+    groups = {"both": list(FIXED_PROTOCOLS), "random": list(RANDOM_PROTOCOLS)}
     check_output_path(args.output, inputs=(args.volume, args.label), overwrite=True, what="--output")
     if sections:
         volume = options.load_volume(args)
         model = options.load_model(args)
-        protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
         for section in sections:
+            split = section == "splits"
+            protocol = args.split_protocol if split else args.protocol
             info = run_section(section, volume, model, results_dir=args.results_dir,
-                               protocols=protocols, ks=ks, seeds=seeds, heads=_names(args.heads),
+                               protocols=groups.get(protocol, [protocol]), ks=split_ks if split else ks,
+                               seeds=seeds, heads=_names(args.split_heads if split else args.heads),
+                               splits=args.splits,
                                baselines=_names(args.baselines), modes=_names(args.modes) or None,
                                steps=args.steps, jitter=args.jitter, command=command_line(argv),
                                note=args.note, volume_name=args.volume, progress=not args.quiet,
