@@ -59,9 +59,10 @@ def run_head(volume: CTVolume, embeddings: VolumeEmbeddings, model: SamModel, ki
     ``out["round0"]`` holds the scores of the head before self-training.
     """
     t0 = time.time()
-    emb, labels, images = training_tensors(volume, embeddings, train, model=model, views=views,
-                                           seed=seed)
     cfg = config or recipe(kind, steps=steps, seed=seed, val_fraction=0.0, eval_every=100)
+    context = int((cfg.head_options or {}).get("context", 0))  # a 2.5D head reads z +- context
+    emb, labels, images = training_tensors(volume, embeddings, train, model=model, views=views,
+                                           seed=seed, context=context)
     kwargs = dict(config=cfg, model=model, progress=progress,
                   model_info=model_info(model, embeddings))
     res = train_head(emb, labels, images=images, **kwargs)
@@ -70,7 +71,7 @@ def run_head(volume: CTVolume, embeddings: VolumeEmbeddings, model: SamModel, ki
         out["round0"] = _predict_and_score(volume, model, res.head, embeddings, test, postprocess_pred)
         out["round0"]["seconds"] = round(time.time() - t0, 1)
         unl = [z for z in getattr(embeddings, "slices", test) if z not in set(train)]
-        u_emb, _, u_img = slice_tensors(volume, embeddings, unl, need_label=False)
+        u_emb, _, u_img = slice_tensors(volume, embeddings, unl, need_label=False, context=context)
         res = self_train_head(emb, labels, (u_emb, u_img), images=images, rounds=self_train,
                               first=res, **kwargs)
     out.update(_predict_and_score(volume, model, res.head, embeddings, test, postprocess_pred))

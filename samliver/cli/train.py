@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..checkpoints import model_info
-from ..config import DEFAULT_K, HEAD_KINDS, PROTOCOLS
+from ..config import DEFAULT_K, PROTOCOLS, RECIPES
 from ..datasets import protocol_split
 from ..embeddings import embed_volume
 from ..training import recipe, self_train, train_head
@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="With --dataset DIR: see `samliver train-dataset --help`.")
     options.add_volume(p, optional=True)
     options.add_model(p)
-    p.add_argument("--head", default="cnn", choices=list(HEAD_KINDS) + ["default"],
-                   help="head kind, or 'default' for the demo's recipe (default cnn)")
+    p.add_argument("--head", default="default", choices=list(RECIPES),
+                   help="training recipe: a head kind or a named recipe of config.RECIPES (default: 'default', "
+                        "the best measured recipe, a cnn head)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"number of labelled slices (default {DEFAULT_K})")
     p.add_argument("--protocol", default="sparse", choices=PROTOCOLS)
     p.add_argument("--train-slices", help="explicit labelled slices, e.g. 3,20,41 or 10-20")
@@ -91,20 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SamliverError(f"Slices {bad} are outside the volume (0..{volume.hu.shape[0] - 1}).")
     model = options.load_model(args)
-    embs = embed_volume(volume, model, slices=train)
-    emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
-                                           seed=args.seed, progress=True)
     extra = {"head_options": {"train_parts": args.train_parts}} if args.train_parts else {}
     config = recipe(args.head, steps=args.steps, augment=args.augment, seed=args.seed,
                     device=args.device, threads=model.cpu_threads(), **extra)
+    # A 2.5D recipe (head_options context=c) reads the neighbours z +- c too: encode them.
+    context = int((config.head_options or {}).get("context", 0))
+    depth = volume.hu.shape[0]
+    needed = sorted({min(max(z + d, 0), depth - 1) for z in train for d in range(-context, context + 1)})
+    embs = embed_volume(volume, model, slices=needed)
+    emb, labels, images = training_tensors(volume, embs, train, model=model, views=args.views,
+                                           seed=args.seed, progress=True, context=context)
     if args.lr is not None:
         config.lr = args.lr
     kwargs = dict(config=config, model=model, model_info=model_info(model, embs), checkpoint=out,
                   curves_path=out.with_suffix(".curves.png"))
     if args.self_train:
         rest = [z for z in range(volume.hu.shape[0]) if z not in set(train)]
-        u_emb, _, u_img = slice_tensors(volume, embed_volume(volume, model, slices=rest), rest,
-                                        need_label=False)
+        u_emb, _, u_img = slice_tensors(volume, embed_volume(volume, model, slices=list(range(depth))), rest,
+                                        need_label=False, context=context)
         res = self_train(emb, labels, (u_emb, u_img), images=images, rounds=args.self_train,
                          **kwargs)
     else:
