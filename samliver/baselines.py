@@ -1,11 +1,13 @@
 """Baselines for the few-label comparison, all on the same labelled slices as the heads.
 
-- ``unet``: a small 2D UNet trained from scratch in image space (windowed HU in [0, 1] at the
+- ``unet``: a small 2D UNet (MONAI's ``BasicUNet``) trained from scratch in image space (windowed HU in [0, 1] at the
   slice's own resolution) with augmentation (flips, 90-degree rotations, intensity jitter,
   noise).
 - ``ssl``: the same UNet whose encoder was first pre-trained with **SimCLR** (NT-Xent
   contrastive loss between two augmented crops of the same slice) on the volume's unlabelled
   slices, then fine-tuned exactly like ``unet``.
+- ``nnunet``: nnU-Net's own 2D configuration, planned, preprocessed, trained and applied by
+  ``nnunetv2`` itself (``samliver.nnunet``; optional extra ``samliver[baselines]``).
 - ``zeroshot``: prompted SAM with prompts simulated from the ground truth, from the engine's
   ``samliver.zero_shot.evaluate_zero_shot`` (an upper-bound-ish reference: it sees the truth).
 """
@@ -29,42 +31,61 @@ if TYPE_CHECKING:  # pragma: no cover
     from .io import CTVolume
 
 
-def _block(i: int, o: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(min(8, o), o), nn.GELU(),
-                         nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(min(8, o), o), nn.GELU())
-
-
 class UNet(nn.Module):
-    """A 4-level 2D UNet (16-32-64-128 channels): 1 input channel, ``n_classes`` logits."""
+    """MONAI's ``BasicUNet`` (2D, 5 levels, 16-16-32-64-128 channels, ~0.5 M parameters).
+
+    A library network rather than a hand-written one (``docs/baselines.md`` compares the two):
+    1 input channel, ``n_classes`` logits, any input size (padded to a multiple of 16 inside).
+    ``encoder`` / :meth:`encode` expose MONAI's down path for the SimCLR pre-training.
+    """
 
     def __init__(self, n_classes: int = 3, width: int = 16) -> None:
         super().__init__()
-        w = [width, width * 2, width * 4, width * 8]
-        self.encoder = nn.ModuleList([_block(1, w[0]), _block(w[0], w[1]), _block(w[1], w[2]),
-                                      _block(w[2], w[3])])
-        self.ups = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2)
-                                  for i in range(3)])
-        self.decoder = nn.ModuleList([_block(w[i] * 2, w[i]) for i in range(3)])
-        self.out = nn.Conv2d(w[0], n_classes, 1)
-        self.feat_dim = w[3]
+        from monai.networks.nets import BasicUNet
+
+        w = width
+        self.net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=n_classes,
+                             features=(w, w, 2 * w, 4 * w, 8 * w, w))
+        self.feat_dim = 8 * w
+
+    @property
+    def encoder(self) -> nn.ModuleList:
+        """MONAI's down path (``conv_0``, ``down_1`` ... ``down_4``), the modules SimCLR trains."""
+        n = self.net
+        return nn.ModuleList([n.conv_0, n.down_1, n.down_2, n.down_3, n.down_4])
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of every encoder level, finest first (``x`` padded to a multiple of 16)."""
+        x = _pad16(x)
         feats = []
-        for i, blk in enumerate(self.encoder):
-            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+        for blk in self.encoder:
+            x = blk(x)
             feats.append(x)
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        ph, pw = (-h) % 8, (-w) % 8
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        feats = self.encode(x)
-        y = feats[-1]
-        for i in (2, 1, 0):
-            y = self.decoder[i](torch.cat([self.ups[i](y), feats[i]], 1))
-        return self.out(y)[..., :h, :w]
+        return self.net(_pad16(x))[..., :h, :w]
+
+
+def _pad16(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad the last two axes to a multiple of 16, the UNet's four halvings."""
+    ph, pw = (-x.shape[-2]) % 16, (-x.shape[-1]) % 16
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """SimCLR's NT-Xent loss between two views' embeddings ``(n, d)`` (row i of each a pair).
+
+    The same value as ``lightly.loss.NTXentLoss(temperature)(z0, z1)`` (a test checks it), kept
+    here so the ``ssl`` baseline needs no optional package.
+    """
+    z = F.normalize(torch.cat([z0, z1]), dim=1)
+    n = z0.shape[0]
+    sim = z @ z.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
 
 
 def _augment_images(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
@@ -201,12 +222,8 @@ def _pretrain_simclr(images: np.ndarray, *, steps: int, batch_size: int, tempera
         idx = torch.randperm(len(images), generator=gen)[:bs]
         x = x_all[idx]
         v = torch.cat([_random_crop_resize(x, gen, crop), _random_crop_resize(x, gen, crop)])
-        z = F.normalize(proj(net.encode(v.to(device))[-1].mean((-2, -1))), dim=1)
-        sim = z @ z.t() / temperature
-        sim.fill_diagonal_(-1e9)
-        n = bs
-        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
-        loss = F.cross_entropy(sim, target)
+        z = proj(net.encode(v.to(device))[-1].mean((-2, -1)))
+        loss = nt_xent(z[:bs], z[bs:], temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -252,13 +269,14 @@ def run_unet_baseline(volume: CTVolume, train_slices: list[int], test_slices: li
     return {"method": "ssl" if ssl else "unet", **label_dice(pred, gt), "pred": pred}
 
 
-BASELINE_METHODS = ("unet", "ssl")
+BASELINE_METHODS = ("unet", "ssl", "nnunet")
 """Image-space baselines :func:`run_baseline` trains on the heads' labelled slices; ``method`` names
-in experiment records start with one of these."""
+in experiment records start with one of these. ``nnunet`` needs ``pip install 'samliver[baselines]'``."""
 
 
 def run_baseline(method: str, volume: CTVolume, train_slices: list[int], test_slices: list[int], *,
-                 seed: int = 0, steps: int | None = None, threads: int | None = None) -> dict:
+                 seed: int = 0, steps: int | None = None, threads: int | None = None,
+                 budget: int | None = None) -> dict:
     """Train baseline ``method`` on ``train_slices`` of ``volume`` and score it on ``test_slices``.
 
     The one entry point the experiment calls for every image-space baseline, so a new baseline
@@ -270,14 +288,18 @@ def run_baseline(method: str, volume: CTVolume, train_slices: list[int], test_sl
         train_slices: the labelled slices (the same ones the heads get).
         test_slices: the slices scored.
         seed: random seed.
-        steps: training steps (None: the method's default, shortened under ``SAMLIVER_FAST``).
+        steps: UNet / SSL training steps (None: the method's default, shortened under
+            ``SAMLIVER_FAST``); nnU-Net ignores it (its budget is ``budget``).
         threads: torch threads while training (None: unchanged).
+        budget: nnU-Net's epochs of ``samliver.nnunet.NNUNET_ITERATIONS`` iterations (None:
+            ``samliver.nnunet.NNUNET_EPOCHS``, shortened under ``SAMLIVER_FAST``).
 
     Returns:
-        ``{method, liver_dice, tumour_dice, pred}`` with ``pred`` the post-processed test labels.
+        ``{method, liver_dice, tumour_dice, pred}`` with ``pred`` the post-processed test labels
+        (nnU-Net adds ``epochs``, ``iterations`` and ``seconds``).
 
     Raises:
-        SamliverError: an unknown method.
+        SamliverError: an unknown method, or ``nnunet`` without nnunetv2 installed.
     """
     from .config import UNET_STEPS
     from .util import fast_mode
@@ -286,4 +308,9 @@ def run_baseline(method: str, volume: CTVolume, train_slices: list[int], test_sl
         n = steps or UNET_STEPS["fast" if fast_mode() else "full"]
         return run_unet_baseline(volume, train_slices, test_slices, ssl=(method == "ssl"), seed=seed,
                                  steps=n, ssl_steps=max(20, n // 2), threads=threads)
+    if method == "nnunet":
+        from .nnunet import run_nnunet_baseline
+
+        return run_nnunet_baseline(volume, train_slices, test_slices, epochs=budget, seed=seed,
+                                   threads=threads)
     raise SamliverError(f"Unknown baseline {method!r}: choose from {', '.join(BASELINE_METHODS)}.")

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "analysis": ("evaluation", "postprocess", "visualization"),
     "model": ("backends", "decoder_backends", "models", "embeddings"),
     "prompting": ("prompts", "prompt_based_segmentation", "multi_dimensional_segmentation"),
-    "learning": ("heads", "losses", "checkpoints", "training_data", "training", "baselines",
+    "learning": ("heads", "losses", "checkpoints", "training_data", "training", "baselines", "nnunet",
                  "distributed"),
     "use": ("inference", "zero_shot", "experiment", "annotate", "annotate_sim",
             "dataset_embedding", "bench", "demo", "results"),

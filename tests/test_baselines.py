@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from samliver.baselines import UNet, predict_unet, pretrain_simclr, run_unet_baseline, train_unet
+from samliver.baselines import (
+    BASELINE_METHODS,
+    UNet,
+    nt_xent,
+    predict_unet,
+    pretrain_simclr,
+    run_baseline,
+    run_unet_baseline,
+    train_unet,
+)
 from samliver.io import CTVolume
 from samliver.util import SamliverError
 
@@ -65,3 +74,32 @@ def test_thread_option_is_scoped_and_deterministic():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     enc = pretrain_simclr(unit, steps=2, batch_size=4, crop=24, threads=1)
     assert torch.get_num_threads() == before and set(enc) == set(UNet().encoder.state_dict())
+
+
+def test_unet_is_monai_basicunet_of_the_old_size():
+    """The library network (MONAI BasicUNet), about as big as the hand-written UNet it replaced."""
+    from monai.networks.nets import BasicUNet
+
+    net = UNet()
+    assert isinstance(net.net, BasicUNet)
+    assert 0.3e6 < sum(p.numel() for p in net.parameters()) < 1e6
+    feats = net.encode(torch.rand(1, 1, 32, 32))
+    assert feats[-1].shape[1] == net.feat_dim
+
+
+def test_nt_xent_equals_lightly():
+    """The SimCLR loss is lightly's NT-Xent: the same value on the same embeddings."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 16, generator=gen), torch.randn(6, 16, generator=gen)
+    for t in (0.1, 0.2, 0.5):
+        want = lightly_loss.NTXentLoss(temperature=t)(a, b)
+        assert torch.allclose(nt_xent(a, b, t), want, atol=1e-5)
+
+
+def test_run_baseline_names_and_unknown():
+    assert BASELINE_METHODS[:2] == ("unet", "ssl") and "nnunet" in BASELINE_METHODS
+    out = run_baseline("unet", _volume(), [0, 3], [4, 5], steps=2, threads=1)
+    assert out["method"].startswith("unet") and out["pred"].shape == (2, 32, 32)
+    with pytest.raises(SamliverError, match="Unknown baseline"):
+        run_baseline("nope", _volume(), [0], [1])
