@@ -111,7 +111,7 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
                train_slices: list[int] | None = None, test_slices: list[int] | None = None,
                steps: int | None = None, progress: bool = True,
                log: Any = None, views: int = 0, self_train: int = 0,
-               splits: list[int] | None = None) -> list[dict]:
+               splits: list[int] | None = None, nnunet_epochs: int | None = None) -> list[dict]:
     """All runs for one volume and one protocol (or one user split); a list of records.
 
     A random protocol (``slab-random``, ``sparse-random``) runs every split seed of ``splits``
@@ -123,6 +123,8 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
     per labelled slice for the heads (the UNet baselines augment in image space anyway).
     ``self_train`` (default 0) pseudo-label rounds for the heads: each head run then gives two
     records, the head (``cnn``) and the same head after self-training (``cnn+st``).
+    ``nnunet_epochs`` is nnU-Net's training budget (None: ``nnunet.NNUNET_EPOCHS``); its records
+    carry ``epochs`` and ``iterations`` so a comparison states the budget.
     """
     from .baselines import run_baseline
     from .zero_shot import BASELINE_MODES, evaluate_zero_shot
@@ -165,7 +167,8 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
                 suffix += "+st"
         else:
             t0 = time.time()
-            out = run_baseline(method, volume, train, test, seed=seed, steps=steps)
+            out = run_baseline(method, volume, train, test, seed=seed, steps=steps,
+                               budget=nnunet_epochs if method == "nnunet" else None)
             out["seconds"] = round(time.time() - t0, 1)
         runs.append((method + suffix, out))
         for label, res in runs:
@@ -175,7 +178,8 @@ def run_slices(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, 
                             "split": split, "liver_dice": round(res["liver_dice"], 4),
                             "tumour_dice": round(res["tumour_dice"], 4),
                             **{key: _round(v) for key, v in lesions.items()},
-                            "n_test": len(test), "seconds": res["seconds"]})
+                            "n_test": len(test), "seconds": res["seconds"],
+                            **{key: res[key] for key in ("epochs", "iterations") if key in res}})
             if log is not None:
                 log.write(json.dumps(records[-1]) + "\n")
                 log.flush()

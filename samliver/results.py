@@ -59,8 +59,8 @@ _ENV_KEYS = ("SAMLIVER_FAST", "SAMLIVER_THREADS", "SAMLIVER_BACKEND", "SAMLIVER_
 # The fields that identify one measurement: a stored record with the same values is not rerun.
 _KEYS = {
     "zeroshot": ("model", "protocol", "k", "mode", "seed", "jitter"),
-    "heads": ("model", "protocol", "k", "method", "seed", "split", "steps", "fast"),
-    "splits": ("model", "protocol", "k", "method", "seed", "split", "steps", "fast"),
+    "heads": ("model", "protocol", "k", "method", "seed", "split", "steps", "fast", "epochs"),
+    "splits": ("model", "protocol", "k", "method", "seed", "split", "steps", "fast", "epochs"),
 }
 
 FULL_STUDY = ("samliver results --run zeroshot,heads,splits --k 1,2,4,8,16 "
@@ -206,7 +206,8 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                 baselines: list[str] | None = None, modes: list[str] | None = None,
                 steps: int | None = None, jitter: float = 0.0, command: str | None = None,
                 note: str | None = None, volume_name: str | None = None, progress: bool = True,
-                log: Callable[[str], None] | None = None, splits: int = 10) -> dict:
+                log: Callable[[str], None] | None = None, splits: int = 10,
+                nnunet_epochs: int | None = None) -> dict:
     """Compute the records of ``section`` that ``results_dir`` does not hold yet, and store them.
 
     Each finished measurement is appended to ``<results_dir>/<section>.jsonl`` at once, so an
@@ -235,6 +236,8 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
         progress: show progress bars.
         log: called with one line per measurement started (default: nothing).
         splits: random protocols: split seeds ``0 .. splits - 1`` (default 10).
+        nnunet_epochs: nnU-Net's budget in epochs (default ``nnunet.NNUNET_EPOCHS``); part of
+            an nnU-Net record's key, so each budget is its own measurement.
 
     Returns:
         The run's description as stored in ``runs.jsonl``: ``run_id, section, command, commit,
@@ -334,6 +337,10 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                         for seed in ([0] if zs else seeds):
                             key = {**base, "protocol": protocol, "k": 0 if zs else k, "method": method,
                                    "seed": seed, "split": split, "steps": steps, "fast": fast}
+                            if method == "nnunet":  # the budget is part of what was measured
+                                from .nnunet import NNUNET_EPOCHS
+
+                                key["epochs"] = nnunet_epochs or NNUNET_EPOCHS["fast" if fast else "full"]
                             wanted = ([{**key, "method": f"zeroshot:{m}"} for m in BASELINE_MODES]
                                       if zs else [key])
                             if all(record_key(section, w) in done or stored_meanwhile(w) for w in wanted):
@@ -347,7 +354,7 @@ def run_section(section: str, volume: CTVolume, model: SamModel, *,
                             recs = run_slices(volume, model, emb, protocol=protocol, ks=[k],
                                               heads=[method] if is_head else [],
                                               baselines=[] if is_head else [method], seeds=[seed],
-                                              steps=steps, progress=False,
+                                              steps=steps, progress=False, nnunet_epochs=key.get("epochs"),
                                               splits=None if split is None else [split])
                             for rec in recs:
                                 store({**rec, **key, "method": rec["method"]})

@@ -228,3 +228,25 @@ def test_cli_protocol_and_splits_errors():
         experiment_cli.main(["--protocol", "dense"])
     with pytest.raises(SamliverError, match="--splits"):
         experiment_cli.main(["--protocol", "random", "--splits", "0"])
+
+
+def test_nnunet_budget_reaches_the_baseline_and_the_record(tmp_path, monkeypatch):
+    # nnU-Net itself is exercised in test_nnunet.py; here only the wiring: the epoch budget goes
+    # to baselines.run_baseline and the record states it.
+    import samliver.baselines as baselines
+
+    vol, model, emb = _tiny_setup(tmp_path, monkeypatch)
+    seen = {}
+
+    def fake(method, volume, train, test, *, seed=0, steps=None, threads=None, budget=None):
+        seen.update(method=method, budget=budget)
+        pred = volume.label[test]
+        return {"method": method, "liver_dice": 1.0, "tumour_dice": 1.0, "pred": pred,
+                "epochs": budget, "iterations": 50}
+
+    monkeypatch.setattr(baselines, "run_baseline", fake)
+    recs = experiment.run_slices(vol, model, emb, protocol="sparse", ks=[], heads=[], baselines=["nnunet"],
+                                 seeds=[0], train_slices=[1, 4], test_slices=[5, 6], progress=False,
+                                 nnunet_epochs=7)
+    assert seen == {"method": "nnunet", "budget": 7}
+    assert [(r["method"], r["epochs"], r["iterations"]) for r in recs] == [("nnunet", 7, 50)]

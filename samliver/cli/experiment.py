@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-slices", help="user split: labelled slices, e.g. 3,20,41")
     p.add_argument("--test-slices", help="user split: test slices, e.g. 50-90 (default: the rest)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default per method)")
+    p.add_argument("--nnunet-epochs", type=int, default=None, metavar="EPOCHS",
+                   help="nnU-Net's training budget in epochs (default samliver.nnunet.NNUNET_EPOCHS; "
+                        "needs pip install 'samliver[baselines]')")
     p.add_argument("--views", type=int, default=0,
                    help="cached augmented views per labelled slice for the heads (default 0)")
     p.add_argument("--self-train", type=int, default=0, metavar="ROUNDS",
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     check_number("--steps", args.steps, minimum=1)
+    check_number("--nnunet-epochs", args.nnunet_epochs, minimum=1)
     check_number("--splits", args.splits, minimum=1)
     check_number("--views", args.views, minimum=0)
     check_number("--self-train", args.self_train, minimum=0)
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 records += run_slices(volume, model, embeddings, protocol=protocol, ks=ks,
                                       heads=heads, baselines=baselines, seeds=seeds,
                                       train_slices=train, test_slices=test, steps=args.steps,
+                                      nnunet_epochs=args.nnunet_epochs,
                                       progress=progress, log=log, views=args.views,
                                       self_train=args.self_train,
                                       splits=list(range(args.splits)))

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="heads of the splits section (default: default, the best recipe)")
     p.add_argument("--modes", default="", help="zero-shot prompt modes (default all)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: each method's recipe)")
+    p.add_argument("--nnunet-epochs", type=int, default=None, metavar="EPOCHS",
+                   help="nnU-Net's budget in epochs (default samliver.nnunet.NNUNET_EPOCHS)")
     p.add_argument("--jitter", type=float, default=0.0, help="zero-shot box jitter in pixels (default 0)")
     p.add_argument("--note", default=None, help="free text stored with the run, e.g. 'machine shared with 3 jobs'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             info = run_section(section, volume, model, results_dir=args.results_dir,
                                protocols=groups.get(protocol, [protocol]), ks=split_ks if split else ks,
                                seeds=seeds, heads=_names(args.split_heads if split else args.heads),
-                               splits=args.splits,
+                               splits=args.splits, nnunet_epochs=args.nnunet_epochs,
                                baselines=_names(args.baselines), modes=_names(args.modes) or None,
                                steps=args.steps, jitter=args.jitter, command=command_line(argv),
                                note=args.note, volume_name=args.volume, progress=not args.quiet,
