@@ -6,6 +6,9 @@ copy arrays before changing them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pytest
 
 from samliver.io import CTVolume
@@ -29,3 +32,25 @@ def phantom() -> CTVolume:
 def small_phantom() -> CTVolume:
     """A smaller phantom for quick tests: shape (16, 64, 64), 2 lesions, seed 1."""
     return make_phantom((16, 64, 64), n_lesions=2, seed=1)
+
+
+def _disc_volume(n: int = 8, size: int = 32, spacing: tuple | None = None) -> CTVolume:
+    """A liver disc (HU 60) holding a tumour disc (HU 10) on -100 HU, both moving a little per slice."""
+    s = size / 32
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.full((n, size, size), -100.0, np.float32)
+    lab = np.zeros((n, size, size), np.uint8)
+    for z in range(n):
+        liver = (yy - 16 * s) ** 2 + (xx - 14 * s) ** 2 < (9 * s + z % 3) ** 2
+        tum = (yy - 15 * s) ** 2 + (xx - 12 * s - z % 2) ** 2 < 9 * s * s
+        hu[z][liver] = 60
+        hu[z][tum] = 10
+        lab[z][liver] = 1
+        lab[z][tum] = 2
+    return CTVolume(hu=hu, label=lab, spacing=spacing, source="synthetic")
+
+
+@pytest.fixture
+def disc_volume() -> Callable[..., CTVolume]:
+    """Factory of tiny synthetic volumes for training tests: ``disc_volume(n=8, size=32, spacing=None)``."""
+    return _disc_volume

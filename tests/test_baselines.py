@@ -18,27 +18,13 @@ from samliver.io import CTVolume
 from samliver.util import SamliverError
 
 
-def _volume(n=8, size=32):
-    yy, xx = np.mgrid[:size, :size]
-    hu = np.full((n, size, size), -100.0, np.float32)
-    lab = np.zeros((n, size, size), np.uint8)
-    for z in range(n):
-        liver = (yy - 16) ** 2 + (xx - 14) ** 2 < (9 + z % 3) ** 2
-        tum = (yy - 15) ** 2 + (xx - 12 - z % 2) ** 2 < 9
-        hu[z][liver] = 60
-        hu[z][tum] = 10
-        lab[z][liver] = 1
-        lab[z][tum] = 2
-    return CTVolume(hu=hu, label=lab, source="synthetic")
-
-
 def test_unet_shapes_any_size():
     net = UNet()
     assert net(torch.rand(2, 1, 30, 44)).shape == (2, 3, 30, 44)
 
 
-def test_unet_learns_and_simclr_initialises():
-    vol = _volume()
+def test_unet_learns_and_simclr_initialises(disc_volume):
+    vol = disc_volume()
     unit = np.clip((vol.hu + 160) / 400, 0, 1)
     net = train_unet(unit[:4], vol.label[:4], steps=60, batch_size=4, lr=5e-3)
     pred = predict_unet(net, unit[4:])
@@ -53,8 +39,8 @@ def test_unet_learns_and_simclr_initialises():
     assert isinstance(net2, UNet)
 
 
-def test_run_baseline_records_and_errors():
-    vol = _volume()
+def test_run_baseline_records_and_errors(disc_volume):
+    vol = disc_volume()
     out = run_unet_baseline(vol, [0, 3], [4, 5, 6], ssl=True, steps=3, ssl_steps=2)
     assert out["method"] == "ssl" and 0 <= out["liver_dice"] <= 1 and out["pred"].shape == (3, 32, 32)
     with pytest.raises(SamliverError):
@@ -63,9 +49,9 @@ def test_run_baseline_records_and_errors():
         train_unet(np.zeros((0, 8, 8)), np.zeros((0, 8, 8)))
 
 
-def test_thread_option_is_scoped_and_deterministic():
+def test_thread_option_is_scoped_and_deterministic(disc_volume):
     """threads= applies while training only; a seed gives the same network twice."""
-    vol = _volume()
+    vol = disc_volume()
     unit = np.clip((vol.hu + 160) / 400, 0, 1)
     before = torch.get_num_threads()
     a = train_unet(unit[:2], vol.label[:2], steps=3, batch_size=2, threads=1, seed=4)
@@ -97,9 +83,9 @@ def test_nt_xent_equals_lightly():
         assert torch.allclose(nt_xent(a, b, t), want, atol=1e-5)
 
 
-def test_run_baseline_names_and_unknown():
+def test_run_baseline_names_and_unknown(disc_volume):
     assert BASELINE_METHODS[:2] == ("unet", "ssl") and "nnunet" in BASELINE_METHODS
-    out = run_baseline("unet", _volume(), [0, 3], [4, 5], steps=2, threads=1)
+    out = run_baseline("unet", disc_volume(), [0, 3], [4, 5], steps=2, threads=1)
     assert out["method"].startswith("unet") and out["pred"].shape == (2, 32, 32)
     with pytest.raises(SamliverError, match="Unknown baseline"):
-        run_baseline("nope", _volume(), [0], [1])
+        run_baseline("nope", disc_volume(), [0], [1])

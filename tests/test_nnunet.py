@@ -7,27 +7,12 @@ import numpy as np
 import pytest
 
 from samliver import nnunet
-from samliver.io import CTVolume
 from samliver.util import SamliverError
 
 
-def _volume(n=6, size=64):
-    yy, xx = np.mgrid[:size, :size]
-    hu = np.full((n, size, size), -100.0, np.float32)
-    lab = np.zeros((n, size, size), np.uint8)
-    for z in range(n):
-        liver = (yy - 32) ** 2 + (xx - 28) ** 2 < (18 + z % 3) ** 2
-        tum = (yy - 30) ** 2 + (xx - 24 - z % 2) ** 2 < 36
-        hu[z][liver] = 60
-        hu[z][tum] = 10
-        lab[z][liver] = 1
-        lab[z][tum] = 2
-    return CTVolume(hu=hu, label=lab, spacing=(2.0, 0.8, 0.8), source="synthetic")
-
-
-def test_raw_dataset_is_nnunet_layout(tmp_path):
+def test_raw_dataset_is_nnunet_layout(tmp_path, disc_volume):
     pytest.importorskip("SimpleITK")
-    vol = _volume()
+    vol = disc_volume(n=6, size=64, spacing=(2.0, 0.8, 0.8))
     ds = nnunet.write_raw_dataset(tmp_path, vol.hu, vol.label, [0, 2], vol.spacing)
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT"} and meta["numTraining"] == 2
@@ -42,7 +27,7 @@ def test_raw_dataset_is_nnunet_layout(tmp_path):
     assert img.GetSpacing() == pytest.approx((0.8, 0.8, 2.0))
 
 
-def test_missing_nnunet_is_one_line_error(monkeypatch):
+def test_missing_nnunet_is_one_line_error(monkeypatch, disc_volume):
     import builtins
 
     real = builtins.__import__
@@ -54,7 +39,7 @@ def test_missing_nnunet_is_one_line_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(SamliverError, match=r"samliver\[baselines\]"):
-        nnunet.run_nnunet_baseline(_volume(), [0], [1])
+        nnunet.run_nnunet_baseline(disc_volume(n=6, size=64, spacing=(2.0, 0.8, 0.8)), [0], [1])
 
 
 def test_env_is_scoped(tmp_path):
@@ -65,13 +50,13 @@ def test_env_is_scoped(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_budget_end_to_end(monkeypatch):
+def test_tiny_budget_end_to_end(monkeypatch, disc_volume):
     """nnU-Net plans, preprocesses, trains one short epoch and predicts: the run_baseline record."""
     pytest.importorskip("nnunetv2")
     from samliver.baselines import run_baseline
 
     monkeypatch.setattr(nnunet, "NNUNET_ITERATIONS", 3)
-    vol = _volume()
+    vol = disc_volume(n=6, size=64, spacing=(2.0, 0.8, 0.8))
     out = run_baseline("nnunet", vol, [0, 1, 2, 3], [4, 5], budget=1, threads=1)
     assert out["method"] == "nnunet" and out["epochs"] == 1 and out["iterations"] == 3
     assert out["pred"].shape == (2, 64, 64) and out["pred"].dtype == np.uint8
