@@ -309,8 +309,14 @@ class AutoSAMHead(Head):
     def __init__(self, embed_dim: int = 256, n_classes: int = 3, out_size: int = 256,
                  model: SamModel | None = None, embed_hw: int = 64, use_image: bool = True,
                  train_parts: str = "all", decoder_depth: int = 2,
-                 decoder_mlp_dim: int | None = None) -> None:
+                 decoder_mlp_dim: int | None = None, refine_size: int | None = None) -> None:
         super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=use_image)
+        # The refinement block (logits + image skip) at ``refine_size`` instead of S: at S/2 it
+        # costs a quarter, as in the cnn head (the sample's slices are S/2 = 128 px anyway).
+        self.refine_size = int(refine_size) if refine_size else out_size
+        if not out_size // 4 <= self.refine_size <= out_size:
+            raise SamliverError(f"refine_size must lie in [{out_size // 4}, {out_size}], "
+                                f"got {refine_size}.")
         if model is not None:
             decoder = copy.deepcopy(model.mask_decoder).float()
             prompt = model.prompt_encoder
@@ -373,10 +379,14 @@ class AutoSAMHead(Head):
         if self.refine is not None:
             if image is None:
                 raise SamliverError("This head uses the slice image as a skip input: pass image=.")
-            if image.shape[-1] != self.out_size:
-                image = F.interpolate(image, size=(self.out_size, self.out_size),
-                                      mode="bilinear", align_corners=False)
-            logits = logits + self.refine(torch.cat([logits, self.skip(image)], dim=1))
+            size = self.refine_size
+            if image.shape[-1] != size:
+                image = F.interpolate(image, size=(size, size), mode="area"
+                                      if image.shape[-1] > size else "bilinear")
+            small = logits if size == self.out_size else F.interpolate(
+                logits, size=(size, size), mode="area")
+            logits = logits + _resize(self.refine(torch.cat([small, self.skip(image)], dim=1)),
+                                      self.out_size)
         return logits
 
 
