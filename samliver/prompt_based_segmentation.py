@@ -432,7 +432,10 @@ def time_box_to_mask(
 
     Returns:
         A dict of median milliseconds per box: ``reference_single``, ``reference_batched``,
-        ``shared_single``, ``shared_batched`` (shared decoder, slice already prepared),
+        ``shared_single``, ``shared_batched`` (shared decoder run by torch, slice already
+        prepared), ``default_single``, ``default_batched`` (``Predictor(model)``'s default,
+        named by ``default_backend``, e.g. ``"openvino-bf16"``; with its mask agreement vs the
+        reference, ``default_mask_dice_mean`` / ``default_mask_dice_min``),
         ``shared_prepare`` (ms per slice, once for all its prompts), ``shared_first_box``
         (prepare + one box: a fresh slice); the ratios ``speedup_single`` and
         ``speedup_batched`` (reference / shared, same run); the agreement of the masks
@@ -457,7 +460,8 @@ def time_box_to_mask(
         model.num_threads = int(num_threads)  # predict() would otherwise pick its own (model.cpu_threads)
     try:
         shared, reference = Predictor(model, decoder="shared"), Predictor(model, decoder="reference")
-        for p in (shared, reference):
+        default = Predictor(model)
+        for p in (shared, reference, default):
             p.set_embedding(emb, hw)
         n = len(boxes)
 
@@ -478,11 +482,14 @@ def time_box_to_mask(
             "reference_batched": (lambda: reference.predict(boxes=boxes), n),
             "shared_single": (lambda: one_by_one(shared), n),
             "shared_batched": (lambda: shared.predict(boxes=boxes), n),
+            "default_single": (lambda: one_by_one(default), n),
+            "default_batched": (lambda: default.predict(boxes=boxes), n),
             "shared_prepare": (prepare, 1),
             "shared_first_box": (first_box, 1),
         }
         shared.predict(box=boxes[0])  # warm-up; prepares the slice
         reference.predict(box=boxes[0])
+        default.predict(box=boxes[0])  # builds (or loads) an OpenVINO engine before timing
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(repeats):
             for name, (run, count) in variants.items():
@@ -492,6 +499,7 @@ def time_box_to_mask(
                 run()
                 times[name].append((now() - start) * 1000.0 / count)
         ref_logits = reference.predict(boxes=boxes, return_logits=True)[0]
+        default_logits = default.predict(boxes=boxes, return_logits=True)[0]
         new_logits = shared.predict(boxes=boxes, return_logits=True)[0]
     finally:
         if num_threads:
@@ -500,10 +508,16 @@ def time_box_to_mask(
     out: dict = {name: float(np.median(v)) for name, v in times.items()}
     out["speedup_single"] = out["reference_single"] / out["shared_single"]
     out["speedup_batched"] = out["reference_batched"] / out["shared_batched"]
-    a, b = ref_logits > 0, new_logits > 0
-    inter = (a & b).reshape(n, -1).sum(1)
-    total = a.reshape(n, -1).sum(1) + b.reshape(n, -1).sum(1)
-    out["mask_dice_min"] = float(np.min(np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)))
+
+    def dices(x, y):
+        x, y = x.reshape(n, -1) > 0, y.reshape(n, -1) > 0
+        total = x.sum(1) + y.sum(1)
+        return np.where(total > 0, 2.0 * (x & y).sum(1) / np.maximum(total, 1), 1.0)
+
+    out["mask_dice_min"] = float(np.min(dices(new_logits, ref_logits)))
     out["max_abs_logit_diff"] = float(np.abs(ref_logits - new_logits).max())
+    out["default_backend"] = default.backend
+    out["default_mask_dice_mean"] = float(np.mean(dices(default_logits, ref_logits)))
+    out["default_mask_dice_min"] = float(np.min(dices(default_logits, ref_logits)))
     out.update(boxes=n, threads=int(num_threads) if num_threads else None, repeats=repeats, clock=clock)
     return out

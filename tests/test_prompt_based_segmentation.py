@@ -87,7 +87,12 @@ def test_embeddings_of_another_model_are_refused(tiny, small_phantom, tmp_path):
 def test_segment_cli_writes_nifti_and_png(tmp_path, monkeypatch):
     import nibabel as nib
 
+    import samliver.decoder_backends
+
     monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path / "home"))
+    # A fresh home has no OpenVINO decoder export: torch decodes the one box here (the test is
+    # about the command's outputs; a trace would cost 5-20 s).
+    monkeypatch.setattr(samliver.decoder_backends, "openvino_installed", lambda: False)
     from samliver.io import save_volume_nifti
     from samliver.phantom import make_phantom
 
@@ -265,8 +270,10 @@ def test_time_box_to_mask_reports_every_variant(tiny):
     emb = np.random.default_rng(0).normal(size=(256, 64, 64)).astype(np.float32)
     out = time_box_to_mask(tiny, emb, [[10, 10, 100, 120], [30, 40, 200, 250]], repeats=1, num_threads=1, clock="cpu")
     for key in ("reference_single", "reference_batched", "shared_single", "shared_batched", "shared_prepare",
-                "shared_first_box", "speedup_single", "speedup_batched"):
+                "shared_first_box", "speedup_single", "speedup_batched", "default_single", "default_batched"):
         assert out[key] > 0, key
+    assert out["default_backend"] == Predictor(tiny).backend
+    assert out["default_mask_dice_mean"] >= out["default_mask_dice_min"] > 0.9
     assert out["boxes"] == 2 and out["threads"] == 1 and out["clock"] == "cpu"
     assert out["mask_dice_min"] > 0.99 and out["max_abs_logit_diff"] < 1e-3
     with pytest.raises(SamliverError, match="box"):
