@@ -447,6 +447,10 @@ OPENVINO_PRECISIONS = ("fp32", "bf16")
 # Bump when the traced graph or its inputs change: exports of older versions are then rebuilt.
 OPENVINO_EXPORT_VERSION = 1
 _STAGE_FIELDS = ("centred_t", "k", "k_pe", "v", "q", "q_pe", "up")
+# Traced graphs of this process by export key: a new Predictor (or a fresh $SAMLIVER_HOME) does not
+# trace again (5-20 s). A few entries: one per model, weights and multimask setting in use.
+_TRACED: dict = {}
+_TRACED_MAX = 4
 
 
 def openvino_installed() -> bool:
@@ -522,11 +526,9 @@ class OpenVINODecoder:
         return layout, tensors
 
     def _export(self, cache: SliceCache, sparse: Any, multimask: bool):
-        """The OpenVINO model of ``decode_outputs`` for one prompt, traced (or read from ``folder``)."""
+        """The OpenVINO model of ``decode_outputs`` for one prompt: read from ``folder``, copied
+        from this process's earlier trace, or traced (a fresh copy each time: callers change it)."""
         import json
-        import os
-        import shutil
-        import tempfile
         import warnings
         from pathlib import Path
 
@@ -543,12 +545,17 @@ class OpenVINODecoder:
         }
         name = f"decoder-{'multimask' if multimask else 'single'}"
         target = Path(self.folder) / name if self.folder is not None else None
+        memo = json.dumps(key, sort_keys=True)
         if target is not None:
             try:
                 if json.loads((target / "key.json").read_text()) == key and (target / "decoder.bin").is_file():
                     return ov.Core().read_model(str(target / "decoder.xml"))
             except (OSError, ValueError):
                 pass  # missing or unreadable: rebuilt below
+        if memo in _TRACED:
+            model = _TRACED[memo].clone()
+            self._save(model, key, target)
+            return model
 
         class _PerPrompt(torch.nn.Module):
             def __init__(self) -> None:
@@ -569,23 +576,41 @@ class OpenVINODecoder:
             warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks
             example = (sparse[:1].clone(), *(t.clone() for t in tensors))
             model = ov.convert_model(_PerPrompt(), example_input=example)
-        if target is not None:
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-                try:
-                    # compress_to_fp16=False: the weights stay float32 (the default would round them).
-                    ov.save_model(model, str(tmp / "decoder.xml"), compress_to_fp16=False)
-                    (tmp / "key.json").write_text(json.dumps(key, indent=1))
-                    if target.exists():
-                        shutil.rmtree(target, ignore_errors=True)
-                    os.replace(tmp, target)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-            except OSError:
-                pass  # an unwritable cache only costs the next process a new trace
+        while len(_TRACED) >= _TRACED_MAX:
+            _TRACED.pop(next(iter(_TRACED)))
+        _TRACED[memo] = model.clone()
+        self._save(model, key, target)
         return model
+
+    @staticmethod
+    def _save(model: Any, key: dict, target: Any) -> None:
+        """Write ``model`` as OpenVINO IR with its ``key.json`` into the folder ``target`` (None:
+        nowhere), whole or not at all: a crash never leaves a half-written export."""
+        import json
+        import os
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        import openvino as ov
+
+        if target is None:
+            return
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                # compress_to_fp16=False: the weights stay float32 (the default would round them).
+                ov.save_model(model, str(tmp / "decoder.xml"), compress_to_fp16=False)
+                (tmp / "key.json").write_text(json.dumps(key, indent=1))
+                if target.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        except OSError:
+            pass  # an unwritable cache only costs the next process a new trace
 
     def _request(self, cache: SliceCache, sparse: Any, multimask: bool):
         import openvino as ov
@@ -600,7 +625,7 @@ class OpenVINODecoder:
             model = self._export(cache, sparse, multimask)
             if self.precision == "bf16":
                 # The slice cache is handed over in bfloat16 (half the bytes read per prompt).
-                ppp = PrePostProcessor(model)
+                ppp = PrePostProcessor(model)  # changes ``model`` (a fresh copy: _export never hands out a shared one)
                 for i in range(1, len(model.inputs)):
                     ppp.input(i).tensor().set_element_type(ov.Type.bf16)
                 model = ppp.build()

@@ -122,3 +122,20 @@ def test_export_follows_weight_updates(slice_and_prompts, folder):
 def test_unknown_precision_is_refused(slice_and_prompts):
     with pytest.raises(ValueError, match="precision"):
         OpenVINODecoder(slice_and_prompts[0], precision="int8")
+
+
+def test_a_new_folder_reuses_this_process_trace(slice_and_prompts, folder, tmp_path, monkeypatch):
+    """A fresh export folder (say a new $SAMLIVER_HOME) gets the graph traced earlier in the process."""
+    import openvino as ov
+
+    shared, cache, box_sparse, _ = slice_and_prompts
+    OpenVINODecoder(shared, precision="fp32", threads=1, folder=folder).decode(cache, box_sparse[:1])
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced again although this process traced the graph")
+
+    monkeypatch.setattr(ov, "convert_model", no_trace)
+    engine = OpenVINODecoder(shared, precision="bf16", threads=1, folder=tmp_path / "fresh")
+    got, want = engine.decode(cache, box_sparse)[0], shared.decode(cache, box_sparse)[0]
+    assert np.mean((got.numpy() > 0) == (want.numpy() > 0)) > 0.99
+    assert (tmp_path / "fresh" / "decoder-single" / "decoder.xml").is_file()  # and saved there
