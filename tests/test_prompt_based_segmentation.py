@@ -404,7 +404,7 @@ def test_composed_resize_matches_sam_postprocessing(tiny):
 @pytest.mark.slow
 def test_litemedsam_default_decoder_agrees_with_reference_on_real_slices(sample_volume):
     """The default decoder (OpenVINO, bf16 where native) on tight + jittered GT boxes: mask Dice vs
-    SAM's decoder >= 0.995 on average (docs/decoder_speed.md: 0.9988 mean, 0.995 min)."""
+    SAM's decoder >= 0.995 on average (docs/decoder_speed.md: 0.9984-0.9989 mean, 0.9944 min)."""
     from samliver.evaluation import dice
     from samliver.prompts import box_from_mask
 
