@@ -16,6 +16,7 @@ decoder as is. See ``docs/decoder_speed.md``; :func:`time_box_to_mask` measures 
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -44,6 +45,8 @@ class Predictor:
             launches, not arithmetic). ``"openvino"``: the shared decoder run by OpenVINO (CPU
             only; an error without OpenVINO). ``"shared"``: the shared decoder run by torch, on
             any device; ``"reference"``: always SAM's own decoder (one image copy per prompt).
+            The environment variable ``SAMLIVER_DECODER`` (one of these names) replaces
+            ``"auto"`` for every predictor of the process.
         precision: the OpenVINO decoder's arithmetic: ``"auto"`` (default): ``"bf16"`` on CPUs
             with native bfloat16 (AVX512-BF16 or AMX; mask Dice ~0.999 against the exact
             decoder), else ``"fp32"`` (exact to float32 rounding). The torch decoders are float32.
@@ -62,6 +65,16 @@ class Predictor:
         if precision not in DECODER_PRECISIONS:
             raise SamliverError(f"Unknown decoder precision {precision!r}: choose one of {', '.join(DECODER_PRECISIONS)}.")
         supported = supports_shared_decoder(model.mask_decoder)
+        if decoder == "auto":
+            # One switch for every predictor a program makes (widgets, CLI, notebooks), e.g.
+            # SAMLIVER_DECODER=shared for masks exact to float32 without touching code. Like
+            # "auto", it falls back to SAM's decoder for a decoder class the others cannot run.
+            decoder = os.environ.get("SAMLIVER_DECODER", "").strip().lower() or "auto"
+            if decoder not in DECODERS:
+                raise SamliverError(f"SAMLIVER_DECODER={decoder!r} is not a decoder: choose one of "
+                                    f"{', '.join(DECODERS)}, or unset it.")
+            if not supported:
+                decoder = "reference"
         if decoder in ("shared", "openvino") and not supported:
             raise SamliverError(
                 f"The shared-image decoder needs segment_anything's MaskDecoder; {model.name} has "

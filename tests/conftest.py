@@ -6,6 +6,7 @@ copy arrays before changing them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +15,12 @@ import pytest
 from samliver.io import CTVolume
 from samliver.phantom import make_phantom
 from samliver.sample import load_sample
+
+# Predictors decode with the exact torch shared decoder in tests: the OpenVINO decoder that "auto"
+# picks is built once per weights and $SAMLIVER_HOME (seconds each), and many tests use a private
+# home. The OpenVINO decoder has its own tests (tests/test_decoder_backends.py and the
+# needs_openvino tests), which ask for it by name.
+os.environ.setdefault("SAMLIVER_DECODER", "shared")
 
 
 @pytest.fixture(scope="session")

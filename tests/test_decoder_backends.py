@@ -6,6 +6,12 @@ import pytest
 from samliver.decoder_backends import OpenVINODecoder, SharedImageDecoder, openvino_installed
 from samliver.models import get_model
 
+
+@pytest.fixture(autouse=True)
+def _auto_decoder(monkeypatch):
+    """This module tests what "auto" picks: undo the suite-wide SAMLIVER_DECODER of conftest."""
+    monkeypatch.delenv("SAMLIVER_DECODER", raising=False)
+
 pytestmark = pytest.mark.skipif(not openvino_installed(), reason="openvino is not installed")
 
 

@@ -11,6 +11,12 @@ from samliver.prompt_based_segmentation import Predictor
 from samliver.util import SamliverError
 
 
+@pytest.fixture(autouse=True)
+def _auto_decoder(monkeypatch):
+    """This module tests what "auto" picks: undo the suite-wide SAMLIVER_DECODER of conftest."""
+    monkeypatch.delenv("SAMLIVER_DECODER", raising=False)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     with pytest.warns(UserWarning):
@@ -422,3 +428,15 @@ def test_litemedsam_default_decoder_agrees_with_reference_on_real_slices(sample_
         got, want = default.predict(boxes=boxes)[0], reference.predict(boxes=boxes)[0]
         scores += [dice(g[0], w[0]) for g, w in zip(got, want)]
     assert np.mean(scores) >= 0.995 and np.min(scores) >= 0.99, (np.mean(scores), np.min(scores))
+
+
+def test_decoder_environment_switch(tiny, monkeypatch):
+    monkeypatch.setenv("SAMLIVER_DECODER", "reference")
+    assert Predictor(tiny).decoder == "reference"
+    assert Predictor(tiny, decoder="shared").decoder == "shared"  # an explicit choice wins
+    monkeypatch.setenv("SAMLIVER_DECODER", "fastest")
+    with pytest.raises(SamliverError, match="SAMLIVER_DECODER"):
+        Predictor(tiny)
+    monkeypatch.delenv("SAMLIVER_DECODER")
+    expected = "openvino" if openvino_installed() else "torch-shared"
+    assert Predictor(tiny).backend.startswith(expected)
