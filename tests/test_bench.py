@@ -22,7 +22,10 @@ EXPECTED = {
 }
 
 
-def test_quick_bench_writes_table_and_json(tmp_path, capsys):
+def test_quick_bench_writes_table_and_json(tmp_path, capsys, monkeypatch):
+    # A default decoder other than the exact one, so the bench also times the exact decoder and
+    # compares masks (SAM's own decoder here: no compiled graph to build in a test).
+    monkeypatch.setenv("SAMLIVER_DECODER", "reference")
     out = tmp_path / "out" / "bench.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tiny's random-weights warning
@@ -42,6 +45,8 @@ def test_quick_bench_writes_table_and_json(tmp_path, capsys):
     assert by_name["backend_default_max_abs_diff"]["value"] < 0.05  # float16 cache of an exact backend
     assert by_name["encoder_fastest_mask_dice_vs_fp32"]["value"] >= 0.99  # the contract of "fastest"
     assert "head_train_demo_s" not in by_name  # quick mode skips head training
+    assert by_name["decoder_box_exact_ms"]["value"] > 0
+    assert by_name["decoder_mask_dice_vs_exact"]["value"] > 0.999  # SAM's decoder == the shared one
     assert list(out.parent.iterdir()) == [out]  # atomic write leaves no temp file
 
 
