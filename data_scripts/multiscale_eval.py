@@ -191,11 +191,13 @@ class FineCNNHead(CNNHead):
 def _build_head(kind, embed_dim=256, n_classes=3, model=None, **options):
     """``build_head`` with the prototype's ``fine_in`` option (patched into samliver.training)."""
     fine_in = options.pop("fine_in", 0)
-    if not fine_in:
+    if not fine_in and embed_dim == model.embed_dim:
         return build_head(kind, embed_dim=embed_dim, n_classes=n_classes, model=model, **options)
-    head = FineCNNHead(embed_dim, n_classes, int(model.image_size), embed_hw=int(model.embed_hw[0]),
-                       fine_in=fine_in, **options)
-    head.options, head.tta = dict(options, fine_in=fine_in), False
+    # build_head takes the channels from the model: the l2 option's wider input needs the class.
+    cls, extra = (FineCNNHead, {"fine_in": fine_in}) if fine_in else (CNNHead, {})
+    head = cls(embed_dim, n_classes, int(model.image_size), embed_hw=int(model.embed_hw[0]),
+               **extra, **options)
+    head.options, head.tta = dict(options, **extra), False
     return head
 
 
