@@ -17,7 +17,8 @@ channels on a 128 x 128 grid (stride 2 of the 256 px model input). This script
      skip, before the fuse block; the refinement block at ``refine_size = 128`` follows);
    - ``l2``: ``layers.2`` (320 x 64 x 64, standardised per channel to the embedding's scale)
      concatenated with the embedding (576 input channels);
-   - ``fine+l2``: both.
+   - ``fine+l2``: both;
+   - ``fine-lib``: ``fine`` as the library runs it (recipe ``fine``), to check the integration.
 
 The head is a subclass defined here, not a library option: the ``layers.0`` features travel to
 it packed behind the image (``(N, 1 + 128, S, S)``, nearest-upsampled x2, so the flips and
@@ -65,6 +66,9 @@ OPTIONS = {
     "fine": {"fine": True, "l2": False},
     "l2": {"fine": False, "l2": True},
     "fine+l2": {"fine": True, "l2": True},
+    # The library's version of "fine": recipe "fine" (cnn fine_features=128),
+    # embeddings.embed_fine_features, train_head(fine=), predict_probabilities.
+    "fine-lib": {"fine": False, "l2": False, "library": True},
 }
 VAL_SLOTS = (2, 5)  # as heads_eval.py
 FINE_CH, L2_CH = 128, 320
@@ -255,6 +259,28 @@ def summary(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _library_run(volume, model, embeddings, info, name, mode, protocol, seed, train, score_on,
+                 write) -> None:
+    """One run of the ``fine`` recipe through the library (no patched head, no side file)."""
+    from samliver.embeddings import embed_fine_features
+    from samliver.inference import predict_probabilities
+
+    fine = embed_fine_features(volume, model)  # cached beside the embeddings after the first call
+    t0 = time.time()
+    emb, labels, images = slice_tensors(volume, embeddings, train)
+    res = train_head(emb, labels, images=images, fine=fine.stack(train),
+                     config=recipe("fine", seed=seed, threads=1), model=model, progress=False,
+                     model_info=info)
+    base = {"option": name, "mode": mode, "protocol": protocol, "seed": seed,
+            "train_seconds": round(time.time() - t0, 1),
+            "params": sum(p.numel() for p in res.head.parameters())}
+    t0 = time.time()
+    _, p = predict_probabilities(volume, model, res.head, embeddings=embeddings, slices=score_on,
+                                 progress=False)
+    write({**base, "variant": "plain", "infer_seconds": round(time.time() - t0, 1),
+           **_score(volume, p, score_on, mode == "test")})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/multiscale.jsonl")
@@ -309,6 +335,10 @@ def main() -> None:
                     if (name, mode, protocol, seed, "plain") in done:
                         continue
                     opt = OPTIONS[name]
+                    if opt.get("library"):
+                        _library_run(volume, model, embeddings, info, name, mode, protocol, seed,
+                                     train, score_on, write)
+                        continue
                     cfg = recipe("default", seed=seed, threads=1)
                     if opt["fine"]:
                         cfg.head_options = dict(cfg.head_options, fine_in=FINE_CH)
