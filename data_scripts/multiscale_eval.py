@@ -243,19 +243,21 @@ def summary(paths: list[str]) -> str:
     lines = ["| split | protocol | option | variant | liver Dice | tumour Dice | lesion F1 | train s | infer s | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def fmt(vals: list) -> str:
+    def fmt(vals: list, nd: int = 3) -> str:
         vals = [v for v in vals if v is not None and v == v]
         if not vals:
             return "-"
-        return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+        if len(vals) == 1:
+            return f"{vals[0]:.{nd}f}"
+        return f"{np.mean(vals):.{nd}f} ± {np.std(vals, ddof=1):.{nd}f}"
 
     order = {k: i for i, k in enumerate(OPTIONS)}
     for (mode, protocol, option, variant), rs in sorted(groups.items(), key=lambda kv: (
             kv[0][0], kv[0][1], kv[0][3], order.get(kv[0][2], 99))):
         lines.append(f"| {mode} | {protocol} | {option} | {variant} | "
                      f"{fmt([r.get('liver_dice') for r in rs])} | {fmt([r.get('tumour_dice') for r in rs])} | "
-                     f"{fmt([r.get('lesion_f1') for r in rs])} | {fmt([r.get('train_seconds') for r in rs])} | "
-                     f"{fmt([r.get('infer_seconds') for r in rs])} | {len(rs)} |")
+                     f"{fmt([r.get('lesion_f1') for r in rs])} | {fmt([r.get('train_seconds') for r in rs], 0)} | "
+                     f"{fmt([r.get('infer_seconds') for r in rs], 0)} | {len(rs)} |")
     return "\n".join(lines)
 
 
