@@ -64,6 +64,15 @@ RECIPES: dict[str, dict] = {
     "cnn25d": {"kind": "cnn", "steps": 115, "fast": {"steps": 60}, "batch_size": 4, "lr": 2e-3,
                "warmup": 10, "head_options": {"refine_size": 128, "context": 2},
                "val_fraction": 0.0, "eval_every": 100},
+    # The default recipe + LiteMedSAM's finer encoder stage (TinyViT layers.0, 128 x 128 x 128,
+    # cached beside the embeddings: +4 MiB a slice) merged into the head at 128 px. On the sample
+    # (K = 8, 3 seeds, docs/heads.md) test tumour Dice +0.018 sparse, +0.10 slab (liver +0.003,
+    # -0.010); validation (2 held-out labelled slices) +0.027 / -0.003 tumour. The features come
+    # from embeddings.embed_fine_features: train_head(..., fine=) and predict_probabilities read
+    # them; the CLI / experiment paths do not pass them yet.
+    "fine": {"kind": "cnn", "steps": 115, "fast": {"steps": 60}, "batch_size": 4, "lr": 2e-3,
+             "warmup": 10, "head_options": {"refine_size": 128, "fine_features": 128},
+             "val_fraction": 0.0, "eval_every": 100, "bf16": None},
     # One recipe per head kind for the label-efficiency study and `samliver train --head KIND`.
     "linear": {"kind": "linear", "steps": 300, "fast": {"steps": 50}},
     "cnn": {"kind": "cnn", "steps": 300, "fast": {"steps": 50}},

@@ -23,6 +23,8 @@ from .config import DEFAULT_WINDOW
 from .util import SamliverError, atomic_path, atomic_write_text, cache_dir, check_slices, sha256_array
 
 CACHE_FORMAT = 2  # bump when the on-disk layout or preprocessing code changes meaning
+_EMB_SHAPE = (256, 64, 64)
+FINE_STAGE = "layers.0"  # the encoder stage embed_fine_features caches
 
 
 def _hu_of(volume) -> np.ndarray:
@@ -80,9 +82,11 @@ class VolumeEmbeddings:
     computed z list), computed (those the last embed_volume call encoded), transform (the model's SliceTransform for this slice size), key, path.
     """
 
-    def __init__(self, path: Path, key: dict, slices: list[int], original_hw: tuple[int, int], image_size: int):
+    def __init__(self, path: Path, key: dict, slices: list[int], original_hw: tuple[int, int], image_size: int,
+                 shape: tuple[int, int, int] | None = None):
         from .preprocess import SliceTransform
 
+        self.shape = tuple(shape) if shape is not None else _EMB_SHAPE  # one slice's array
         self.path = Path(path)
         self.key = key
         self.model_name: str = key["model"]
@@ -102,13 +106,13 @@ class VolumeEmbeddings:
         return sorted(int(p.stem[1:]) for p in self.path.glob("z*.npy"))
 
     def __contains__(self, z: int) -> bool:
-        return _read_slice(self.slice_path(z)) is not None
+        return _read_slice(self.slice_path(z), self.shape) is not None
 
     def __len__(self) -> int:
         return len(self.slices)
 
     def __getitem__(self, z: int) -> np.ndarray:
-        arr = _read_slice(self.slice_path(z))
+        arr = _read_slice(self.slice_path(z), self.shape)
         if arr is None:
             raise SamliverError(
                 f"Slice {z} has no valid cached embedding in {self.path}: "
@@ -117,10 +121,10 @@ class VolumeEmbeddings:
         return arr
 
     def stack(self, zs=None) -> np.ndarray:
-        """float32 (N, 256, 64, 64) for slices ``zs`` (default: ``self.slices``)."""
+        """float32 (N, 256, 64, 64) (``(N, *self.shape)``) for slices ``zs`` (default: ``self.slices``)."""
         zs = self.slices if zs is None else list(zs)
         if not zs:
-            return np.zeros((0, 256, 64, 64), np.float32)
+            return np.zeros((0, *self.shape), np.float32)
         return np.stack([np.asarray(self[z], dtype=np.float32) for z in zs])
 
     def __repr__(self) -> str:
@@ -128,9 +132,6 @@ class VolumeEmbeddings:
             f"VolumeEmbeddings(model={self.model_name!r}, slices={len(self.slices)}, "
             f"window={self.window}, original_hw={self.original_hw}, path='{self.path}')"
         )
-
-
-_EMB_SHAPE = (256, 64, 64)
 
 
 def _checksum_path(path: Path) -> Path:
@@ -143,7 +144,7 @@ def _crc(arr: np.ndarray) -> str:
     return f"{zlib.crc32(np.ascontiguousarray(arr).view(np.uint8)):08x}"
 
 
-def _read_slice(path: Path) -> np.ndarray | None:
+def _read_slice(path: Path, shape: tuple = _EMB_SHAPE) -> np.ndarray | None:
     """Memory-map one slice file; None when it is missing, truncated, of the wrong dtype/shape,
     or its body does not match the CRC-32 recorded when it was written.
 
@@ -158,18 +159,18 @@ def _read_slice(path: Path) -> np.ndarray | None:
         expected = _checksum_path(path).read_text().strip()
     except (ValueError, OSError, EOFError):
         return None
-    if arr.dtype != np.float16 or arr.shape != _EMB_SHAPE:
+    if arr.dtype != np.float16 or arr.shape != tuple(shape):
         return None
     if _crc(arr) != expected:
         return None
     return arr
 
 
-def _write_slice(path: Path, emb: np.ndarray) -> None:
+def _write_slice(path: Path, emb: np.ndarray, shape: tuple = _EMB_SHAPE) -> None:
     """Write one slice embedding and then its CRC-32 (both atomically); refuses non-finite values."""
     emb = np.ascontiguousarray(emb, dtype=np.float16)
-    if emb.shape != _EMB_SHAPE:
-        raise SamliverError(f"Encoder returned an embedding of shape {emb.shape}, expected {_EMB_SHAPE}.")
+    if emb.shape != tuple(shape):
+        raise SamliverError(f"Encoder returned an embedding of shape {emb.shape}, expected {tuple(shape)}.")
     if not np.all(np.isfinite(emb)):
         raise SamliverError(
             f"The encoder returned NaN or infinite values for {path.name} (overflow in float16, or "
@@ -249,6 +250,70 @@ def embed_volume(
             bar.update(len(chunk))
             if on_batch is not None:
                 on_batch(len(chunk))
+    return result
+
+
+def fine_stage(model, batch):
+    """The first-stage output of a TinyViT encoder (LiteMedSAM) for ``batch`` (B, 3, S, S).
+
+    Runs ``patch_embed`` and ``layers[0]`` only (the rest of the encoder is not needed) with
+    torch in float32, whatever ``model.backend`` is: returns (B, C, S/2, S/2) float32 on the CPU
+    (LiteMedSAM: 128 x 128 x 128).
+
+    Raises:
+        SamliverError: the encoder has no TinyViT stages (SAM's ViT works on one 64 x 64 grid).
+    """
+    import torch
+
+    enc = model.image_encoder
+    if not (hasattr(enc, "patch_embed") and hasattr(enc, "layers")):
+        raise SamliverError(f"{model.name}'s encoder has no finer stage than its embedding grid: "
+                            "fine features need a TinyViT encoder (litemedsam).")
+    dtype = next(enc.parameters()).dtype
+    with torch.no_grad():
+        x = enc.layers[0](enc.patch_embed(batch.to(next(enc.parameters()).device, dtype)))
+    if x.ndim == 3:  # TinyViT stages return tokens (B, H*W, C), row-major over the grid
+        b, n, c = x.shape
+        side = int(round(n ** 0.5))
+        x = x.reshape(b, side, side, c).permute(0, 3, 1, 2)
+    return x.float().cpu()
+
+
+def embed_fine_features(volume, model, slices=None, window=DEFAULT_WINDOW, progress: bool = False,
+                        cache_root: str | os.PathLike | None = None) -> VolumeEmbeddings:
+    """The encoder's first-stage features of ``slices`` (default all), through their own cache.
+
+    What a ``cnn`` head with ``fine_features`` reads beside the embedding: LiteMedSAM's TinyViT
+    ``layers.0`` output, float16 (128, 128, 128) per slice, 4 MiB (twice the embedding). Cached
+    like the embeddings (same checks), beside them under ``embeddings/<model>/``, with the
+    embedding's cache key plus ``"stage"``, so the two never mix. Computed with torch
+    (:func:`fine_stage`), the same preprocessing as :func:`embed_volume`.
+
+    Returns:
+        A :class:`VolumeEmbeddings` whose slices are the features (``.shape`` (C, h, w)).
+
+    Raises:
+        SamliverError: the model's encoder has no finer stage (SAM ViT).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .preprocess import window_to_unit
+
+    hu = _hu_of(volume)
+    zs = check_slices(slices, hu.shape[0])
+    key = dict(cache_key(hu, model, window), stage=FINE_STAGE, backend="torch", precision="fp32")
+    root = Path(cache_root) if cache_root is not None else cache_dir("embeddings")
+    folder = _prepare_cache_folder(root, key)
+    lo, hi = key["window"]
+    probe = fine_stage(model, torch.zeros(1, 3, model.image_size, model.image_size))
+    shape = tuple(probe.shape[1:])
+    result = VolumeEmbeddings(folder, key, zs, hu.shape[1:], model.image_size, shape=shape)
+    todo = [z for z in zs if z not in result]
+    result.computed = list(todo)
+    for z in tqdm(todo, desc=f"fine features ({model.name})", unit="slice", disable=not progress):
+        x = fine_stage(model, model.prepare(window_to_unit(hu[z], (lo, hi)))[None])
+        _write_slice(result.slice_path(z), x[0].numpy(), shape)
     return result
 
 

@@ -30,10 +30,11 @@ def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embe
 
     A 2.5D head (``context`` > 0) gets each slice's neighbours too (encoded when missing from
     the cache). ``tta`` None (default) takes the head's own ``tta`` option (False unless it was
-    built with ``tta=True``).
+    built with ``tta=True``). A head with ``fine_features`` also reads the encoder's finer stage
+    (``embed_fine_features``, cached beside the embeddings).
     """
-    from .embeddings import embed_volume
-    from .heads import head_context, predict_logits
+    from .embeddings import embed_fine_features, embed_volume
+    from .heads import head_context, head_fine_features, predict_logits
     from .training_data import slice_tensors
 
     zs = list(range(volume.hu.shape[0])) if slices is None else [int(z) for z in slices]
@@ -49,6 +50,8 @@ def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embe
         embeddings = embed_volume(volume, model, slices=need, window=embeddings.window,
                                   progress=progress)
     tf = embeddings.transform
+    fine = (embed_fine_features(volume, model, slices=zs, window=embeddings.window, progress=progress)
+            if head_fine_features(head) else None)
     out = []
     step = 32 // (2 * context + 1) or 1  # the stacked embeddings are (2c+1)x larger
     for i in range(0, len(zs), step):
@@ -58,7 +61,8 @@ def predict_probabilities(volume: CTVolume, model: SamModel, head: Head, *, embe
             raise SamliverError(
                 f"The head expects embeddings {(head.embed_dim, head.embed_hw, head.embed_hw)} but "
                 f"the model gives {emb.shape[1:]}: it was trained for another model.")
-        probs = predict_logits(head, emb, images, batch_size=batch_size, tta=tta)
+        probs = predict_logits(head, emb, images, batch_size=batch_size, tta=tta,
+                               fine=fine.stack(chunk) if fine is not None else None)
         out.append(np.asarray(tf.mask_to_original(probs.astype(np.float32)), np.float32))
     return zs, np.concatenate(out) if out else np.zeros((0,), np.float32)
 

@@ -30,7 +30,7 @@ from .checkpoints import check_compatible, head_options, read_checkpoint, save_c
 from .checkpoints import model_info as describe_model
 from .config import DEFAULT_LR, RECIPES
 from .evaluation import dice
-from .heads import build_head, predict_logits
+from .heads import build_head, head_fine_features, predict_logits
 from .losses import IGNORE, seg_loss
 from .postprocess import postprocess
 from .training_data import augment_batch
@@ -103,8 +103,8 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def _val_scores(head, emb, labels, images, device) -> tuple[float, float]:
-    pred = predict_logits(head, emb, images, device=device).argmax(1)
+def _val_scores(head, emb, labels, images, device, fine=None) -> tuple[float, float]:
+    pred = predict_logits(head, emb, images, device=device, fine=fine).argmax(1)
     liver = dice(pred >= 1, labels >= 1)
     tumour = dice(pred == 2, labels == 2) if (labels == 2).any() else float("nan")
     return liver, tumour
@@ -195,11 +195,14 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
                curves_path: str | Path | None = None,
                val_data: tuple | None = None,
                callback: Callable[[int, int, float], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> TrainResult:
+               should_stop: Callable[[], bool] | None = None,
+               fine: np.ndarray | None = None) -> TrainResult:
     """Train a head on embeddings ``(N,C,h,w)`` and labels ``(N,S,S)`` (model-input frame).
 
-    ``images`` ``(N,S,S)`` in [0,1] feed heads with an image skip. ``val_data`` =
-    ``(emb, labels, images)`` overrides the automatic hold-out. ``checkpoint`` is written at
+    ``images`` ``(N,S,S)`` in [0,1] feed heads with an image skip; ``fine`` ``(N,F,h',w')``
+    (``embed_fine_features(...).stack(slices)``) feeds a ``cnn`` head with ``fine_features``
+    and gets the same flips / rotations as the embedding. ``val_data`` =
+    ``(emb, labels, images[, fine])`` overrides the automatic hold-out. ``checkpoint`` is written at
     every improvement (best state) and at the end; ``resume`` continues from a checkpoint
     (same data and config). ``config.threads`` sets torch's thread count for the run.
     ``callback(step, total, loss)`` is called after every step (a UI's progress bar);
@@ -211,7 +214,7 @@ def train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | None
         return _train_head(emb, labels, images=images, config=config, model=model,
                            model_info=model_info, checkpoint=checkpoint, resume=resume,
                            progress=progress, curves_path=curves_path, val_data=val_data,
-                           callback=callback, should_stop=should_stop)
+                           callback=callback, should_stop=should_stop, fine=fine)
 
 
 def _checked_data(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -257,17 +260,18 @@ def _start_head(config: TrainConfig, emb: np.ndarray, labels: np.ndarray, model:
 
 
 def _validation(emb: np.ndarray, labels: np.ndarray, images: np.ndarray | None, config: TrainConfig,
-                val_data: tuple | None) -> tuple[list[int], list[int], tuple, str]:
-    """Training indices, held-out indices, the validation ``(emb, labels, images)`` and what it is.
+                val_data: tuple | None, fine: np.ndarray | None = None) -> tuple[list[int], list[int], tuple, str]:
+    """Training indices, held-out indices, the validation ``(emb, labels, images, fine)`` and what it is.
 
     ``val_data`` given: validate on it, train on everything. Else an evenly spaced hold-out of
     ``config.val_fraction`` (none below 5 slices: then the training slices validate).
     """
     if val_data is not None:
-        return list(range(len(emb))), [], tuple(val_data), "given"
+        return list(range(len(emb))), [], (tuple(val_data) + (None,))[:4], "given"
     tr_idx, va_idx = _split(len(emb), config.val_fraction, config.seed)
     src = va_idx or tr_idx
-    val = (emb[src], labels[src], images[src] if images is not None else None)
+    val = (emb[src], labels[src], images[src] if images is not None else None,
+           fine[src] if fine is not None else None)
     return tr_idx, va_idx, val, "held-out" if va_idx else "train"
 
 
@@ -276,7 +280,8 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
                 checkpoint: str | Path | None, resume: str | Path | None, progress: bool,
                 curves_path: str | Path | None, val_data: tuple | None,
                 callback: Callable[[int, int, float], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> TrainResult:
+                should_stop: Callable[[], bool] | None = None,
+                fine: np.ndarray | None = None) -> TrainResult:
     config = copy.deepcopy(config or TrainConfig())
     if model_info is None and model is not None:
         model_info = describe_model(model)  # the checkpoint records what it was trained for
@@ -291,7 +296,13 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
     amp = _autocast(config.bf16, device)
     if head.uses_image and images is None:
         raise SamliverError("This head uses the slice image: pass images= (or use_image=False).")
-    tr_idx, va_idx, val, val_on = _validation(emb, labels, images, config, val_data)
+    reads_fine = head_fine_features(head) > 0
+    if reads_fine and (fine is None or len(fine) != len(emb)):
+        raise SamliverError("This head reads the encoder's finer stage (fine_features): pass "
+                            "fine= with one entry per slice (embed_fine_features(...).stack(slices)).")
+    fine = np.asarray(fine, np.float32) if reads_fine else None
+    tr_idx, va_idx, val, val_on = _validation(emb, labels, images, config, val_data, fine)
+    fine_all = torch.from_numpy(fine[tr_idx]) if fine is not None else None
     x_all = torch.from_numpy(emb[tr_idx])
     y_all = torch.from_numpy(labels[tr_idx])
     im_all = torch.from_numpy(np.asarray(images, np.float32)[tr_idx])[:, None] if head.uses_image else None
@@ -326,12 +337,19 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
             break
         head.train()
         idx = torch.randperm(n, generator=gen)[:bs]
+        draws = gen.get_state()  # the fine features replay the same flips / rotations
         x, y, im = augment_batch(x_all[idx], y_all[idx], im_all[idx] if im_all is not None else None,
                                  config.augment, gen)
+        extra = {}
+        if fine_all is not None:
+            replay = torch.Generator().manual_seed(0)
+            replay.set_state(draws)
+            extra["fine"] = augment_batch(fine_all[idx], y_all[idx], None, config.augment,
+                                          replay)[0].to(device).contiguous(memory_format=fmt)
         x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
         im = im.to(device).contiguous(memory_format=fmt) if im is not None else None
         with amp:
-            logits = head(x, image=im)
+            logits = head(x, image=im, **extra)
         loss = seg_loss(logits.float(), y, config.tumour_weight, config.dice_weight,
                         tversky_weight=config.tversky_weight)
         if not torch.isfinite(loss):
@@ -346,7 +364,7 @@ def _train_head(emb: np.ndarray, labels: np.ndarray, *, images: np.ndarray | Non
         if callback is not None:
             callback(step + 1, config.steps, history["loss"][-1])
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            liver, tumour = _val_scores(head, *val, device)
+            liver, tumour = _val_scores(head, *val[:3], device, fine=val[3])
             score = liver if math.isnan(tumour) else 0.5 * (liver + tumour)
             history["val_step"].append(step + 1)
             history["val_liver"].append(liver)

@@ -1,5 +1,6 @@
 """Heads: shapes, any embedding size, AutoSAM from a decoder, gradients flow."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,59 @@ def test_tta_option_is_stored_and_used(tmp_path):
     assert back.tta is True
     assert build_head("cnn", embed_dim=16).tta is False
     assert "tta" not in build_head("cnn", embed_dim=16).options
+
+
+def test_fine_features_head_reads_the_finer_stage(tmp_path):
+    """fine_features=F: the head reads an (F, S/2, S/2) map as fine=, merged at S/2; with the new
+    fuse columns zeroed it is the plain head; the option survives a checkpoint."""
+    from samliver.checkpoints import load_head, save_checkpoint
+    from samliver.heads import head_fine_features, predict_logits
+    from samliver.training import TrainConfig
+
+    torch.manual_seed(0)
+    plain = build_head("cnn", embed_dim=16, refine_size=128).eval()
+    head = build_head("cnn", embed_dim=16, refine_size=128, fine_features=8).eval()
+    assert head_fine_features(head) == 8 and head_fine_features(plain) == 0
+    assert head.options["fine_features"] == 8
+    emb, im, fine = torch.randn(2, 16, 64, 64), torch.rand(2, 1, 256, 256), torch.randn(2, 8, 128, 128)
+    out = head(emb, image=im, fine=fine)
+    assert out.shape == (2, 3, 256, 256) and torch.isfinite(out).all()
+    # the fine path changes the prediction ...
+    assert not torch.allclose(out, head(emb, image=im, fine=torch.zeros_like(fine)))
+    # ... and without it the head is the plain one (fine columns of the fuse conv last)
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("fine.")}
+    w = state["up.fuse.0.weight"]
+    state["up.fuse.0.weight"] = w[:, :plain.up.fuse[0].in_channels]
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        head.up.fuse[0].weight[:, plain.up.fuse[0].in_channels:] = 0
+        assert torch.allclose(head(emb, image=im, fine=fine), plain(emb, image=im), atol=1e-5)
+    with pytest.raises(SamliverError, match="fine_features"):
+        head(emb, image=im)
+    with pytest.raises(SamliverError, match="fine_features"):
+        head(emb, image=im, fine=fine[:, :4])
+    with pytest.raises(SamliverError, match="cnn head option"):
+        build_head("vit", embed_dim=16, fine_features=8)
+    # predict_logits passes it (and flips it with TTA); a checkpoint rebuilds the option
+    p = predict_logits(head, emb.numpy(), im[:, 0].numpy(), fine=fine.numpy(), tta=True)
+    assert p.shape == (2, 3, 256, 256) and np.allclose(p.sum(1), 1, atol=1e-5)
+    path = save_checkpoint(tmp_path / "h.pt", head, config=TrainConfig(), model_info={"model_name": "x"})
+    assert head_fine_features(load_head(path, device="cpu")) == 8
+
+
+def test_train_head_feeds_fine_features():
+    """train_head(fine=) trains a fine_features head (same flips / rotations as the embedding)
+    and refuses to train one without it."""
+    from samliver.training import TrainConfig, train_head
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((3, 16, 16, 16)).astype(np.float32)
+    labels = rng.integers(0, 3, (3, 64, 64))
+    images = rng.random((3, 64, 64)).astype(np.float32)
+    fine = rng.standard_normal((3, 8, 32, 32)).astype(np.float32)
+    cfg = TrainConfig(kind="cnn", steps=3, batch_size=2, eval_every=3, augment="flip+rot",
+                      head_options={"fine_features": 8}, threads=1)
+    res = train_head(emb, labels, images=images, fine=fine, config=cfg, progress=False)
+    assert res.head.fine_features == 8 and len(res.history["loss"]) == 3
+    with pytest.raises(SamliverError, match="fine="):
+        train_head(emb, labels, images=images, config=cfg, progress=False)
