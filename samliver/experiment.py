@@ -28,7 +28,7 @@ from .config import HEAD_KINDS, RANDOM_PROTOCOLS, RECIPES
 from .evaluation import label_dice, lesion_scores
 from .training import TrainConfig, recipe, train_head
 from .training import self_train as self_train_head
-from .training_data import slice_tensors, training_tensors
+from .training_data import fine_tensors, slice_tensors, training_tensors
 from .util import SamliverError, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,9 +63,11 @@ def run_head(volume: CTVolume, embeddings: VolumeEmbeddings, model: SamModel, ki
     context = int((cfg.head_options or {}).get("context", 0))  # a 2.5D head reads z +- context
     emb, labels, images = training_tensors(volume, embeddings, train, model=model, views=views,
                                            seed=seed, context=context)
+    fine = fine_tensors(volume, model, embeddings, train, cfg.head_options, views=views,
+                        self_train=self_train)
     kwargs = dict(config=cfg, model=model, progress=progress,
                   model_info=model_info(model, embeddings))
-    res = train_head(emb, labels, images=images, **kwargs)
+    res = train_head(emb, labels, images=images, fine=fine, **kwargs)
     out: dict = {}
     if self_train:
         out["round0"] = _predict_and_score(volume, model, res.head, embeddings, test, postprocess_pred)

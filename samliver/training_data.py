@@ -162,6 +162,34 @@ def training_tensors(volume: CTVolume, embeddings: VolumeEmbeddings, slices: lis
     return tuple(np.concatenate([a, b]) for a, b in zip(tensors, extra))
 
 
+def fine_tensors(volume: CTVolume, model: SamModel, embeddings: VolumeEmbeddings, slices: list[int],
+                 head_options: dict | None, *, views: int = 0, self_train: int = 0) -> np.ndarray | None:
+    """The encoder's finer-stage features of ``slices`` for a recipe whose head reads them.
+
+    Args:
+        volume, model, embeddings: the volume, its model and its cached embeddings (their window).
+        slices: the labelled slices, in the order of :func:`training_tensors`.
+        head_options: the recipe's ``head_options``; without ``fine_features`` nothing is computed.
+        views, self_train: the run's augmented views / self-training rounds (not supported with
+            fine features yet).
+
+    Returns:
+        ``(N, C, h, w)`` float32 for ``train_head(..., fine=)``, or ``None``.
+
+    Raises:
+        SamliverError: fine features asked for together with views or self-training.
+    """
+    if not (head_options or {}).get("fine_features"):
+        return None
+    if views or self_train:
+        raise SamliverError("A recipe with fine_features does not combine with augmented views or "
+                            "self-training yet: drop --views / --self-train, or choose another head.")
+    from .embeddings import embed_fine_features
+
+    return np.asarray(embed_fine_features(volume, model, slices=list(slices),
+                                          window=embeddings.window).stack(list(slices)), np.float32)
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, im: torch.Tensor | None, mode: str,
              gen: torch.Generator) -> tuple:
     """Same random flip / rot90 for embedding, label and image of each sample."""

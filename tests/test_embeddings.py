@@ -202,3 +202,25 @@ def test_litemedsam_cache_on_real_sample(sample_volume, tmp_path):
     masks, _, _ = predictor.predict(box=[xs.min(), ys.min(), xs.max(), ys.max()])
     dice = 2 * (masks[0] & gt).sum() / (masks[0].sum() + gt.sum())
     assert dice > 0.8  # LiteMedSAM with a tight liver box (docs/results.md: 0.930 over the slab)
+
+
+@pytest.mark.slow
+def test_fine_features_cached_beside_the_embeddings(sample_volume, tmp_path, monkeypatch, tiny):
+    import samliver.embeddings as embeddings
+    from samliver.embeddings import embed_fine_features
+    from samliver.util import SamliverError
+
+    model = get_model("litemedsam", device="cpu")
+    fine = embed_fine_features(sample_volume, model, slices=[64, 65], cache_root=tmp_path)
+    assert fine.slices == [64, 65] and fine.stack([64, 65]).shape == (2, 128, 128, 128)
+    assert np.isfinite(fine.stack([64])).all() and fine.stack([64]).std() > 0
+    calls = []
+    real = embeddings.fine_stage
+    monkeypatch.setattr(embeddings, "fine_stage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = embed_fine_features(sample_volume, model, slices=[65, 64], cache_root=tmp_path)
+    np.testing.assert_array_equal(again.stack([64]), fine.stack([64]))
+    assert len(calls) <= 1  # the shape probe only: both slices came from the cache
+    emb = embed_volume(sample_volume, model, slices=[64], progress=False, cache_root=tmp_path)
+    assert emb.path != fine.path  # their own key: the two caches never mix
+    with pytest.raises(SamliverError):
+        embed_fine_features(sample_volume, tiny, slices=[0], cache_root=tmp_path)

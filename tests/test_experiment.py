@@ -7,7 +7,9 @@ import pytest
 
 from samliver import experiment
 from samliver.cli import experiment as experiment_cli
+from samliver.embeddings import embed_volume
 from samliver.io import CTVolume
+from samliver.models import get_model
 from samliver.util import SamliverError
 
 
@@ -250,3 +252,16 @@ def test_nnunet_budget_reaches_the_baseline_and_the_record(tmp_path, monkeypatch
                                  nnunet_epochs=7)
     assert seen == {"method": "nnunet", "budget": 7}
     assert [(r["method"], r["epochs"], r["iterations"]) for r in recs] == [("nnunet", 7, 50)]
+
+
+@pytest.mark.slow
+def test_run_head_with_the_fine_recipe(sample_volume):
+    """The ``fine`` recipe through the experiment: the finer encoder stage is computed and read."""
+    from samliver.training import recipe
+
+    model = get_model("litemedsam", device="cpu")
+    emb = embed_volume(sample_volume, model, slices=[60, 64, 70, 71], progress=False)
+    cfg = recipe("fine", steps=2, val_fraction=0.0)
+    out = experiment.run_head(sample_volume, emb, model, "fine", [60, 64], [70, 71], config=cfg)
+    assert out["head"].options["fine_features"] == 128
+    assert 0.0 <= out["liver_dice"] <= 1.0 and out["pred"].shape == (2, 128, 128)

@@ -84,3 +84,13 @@ def test_context_embeddings_stack_neighbours_and_refuse_missing_ones():
     assert emb[0, ::2, 0, 0].tolist() == [0, 0, 1] and emb[1, ::2, 0, 0].tolist() == [2, 3, 4]
     with pytest.raises(SamliverError, match="no cached embedding"):
         training_data.context_embeddings(_FakeEmbeddings([3]), [3], depth=6, context=1)
+
+
+def test_fine_tensors_only_for_recipes_that_read_them(small_phantom):
+    from samliver.training_data import fine_tensors
+    from samliver.util import SamliverError
+
+    assert fine_tensors(small_phantom, None, None, [0, 1], {"refine_size": 128}) is None
+    assert fine_tensors(small_phantom, None, None, [0, 1], None) is None
+    with pytest.raises(SamliverError, match="fine_features"):
+        fine_tensors(small_phantom, None, None, [0, 1], {"fine_features": 128}, views=2)

@@ -11,7 +11,7 @@ from ..config import DEFAULT_K, PROTOCOLS, RECIPES
 from ..datasets import protocol_split
 from ..embeddings import embed_volume
 from ..training import recipe, self_train, train_head
-from ..training_data import slice_tensors, training_tensors
+from ..training_data import fine_tensors, slice_tensors, training_tensors
 from ..util import SamliverError, check_number, check_output_path, parse_slice_spec
 from . import options
 
@@ -107,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(config=config, model=model, model_info=model_info(model, embs), checkpoint=out,
                   curves_path=out.with_suffix(".curves.png"))
     if args.self_train:
+        fine_tensors(volume, model, embs, train, config.head_options, self_train=args.self_train)
         rest = [z for z in range(volume.hu.shape[0]) if z not in set(train)]
         u_emb, _, u_img = slice_tensors(volume, embed_volume(volume, model, slices=list(range(depth))), rest,
                                         need_label=False, context=context)
         res = self_train(emb, labels, (u_emb, u_img), images=images, rounds=args.self_train,
                          **kwargs)
     else:
-        res = train_head(emb, labels, images=images, **kwargs)
+        res = train_head(emb, labels, images=images,
+                         fine=fine_tensors(volume, model, embs, train, config.head_options,
+                                          views=args.views), **kwargs)
     print(json.dumps({"checkpoint": str(out), "train_slices": train,
                       "best_step": res.history["best_step"], "stopped": res.history["stopped"],
                       "val_on": res.history["val_on"], "val_score": res.history["best_score"],
