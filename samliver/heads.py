@@ -95,10 +95,9 @@ class _UpPath(nn.Module):
         # Optional last block: logits + the image at ``refine_size`` (default S, the full
         # input resolution), a residual refinement (lesion edges finer than S/2 pixels). At
         # S/2 it costs a quarter (the refined logits are then upsampled bilinearly).
-        self.refine_size = int(refine_size) if refine_size else out_size
-        if refine_size and not self.mid_size <= self.refine_size <= out_size:
-            raise SamliverError(f"refine_size must lie in [{self.mid_size}, {out_size}], "
-                                f"got {refine_size}.")
+        # Clamped to [S/2, S]: a recipe's 128 px (LiteMedSAM's S/2) means S/2 for SAM's S = 1024.
+        self.refine_size = (min(max(int(refine_size), self.mid_size), out_size) if refine_size
+                            else out_size)
         self.full = (nn.Sequential(nn.Conv2d(n_classes + 1, 16, 3, padding=1), _gn(16),
                                    nn.GELU(), nn.Conv2d(16, n_classes, 3, padding=1))
                      if full_res and use_image and out_size > self.mid_size
@@ -347,10 +346,9 @@ class AutoSAMHead(Head):
         super().__init__(embed_dim, n_classes, out_size, embed_hw, uses_image=use_image)
         # The refinement block (logits + image skip) at ``refine_size`` instead of S: at S/2 it
         # costs a quarter, as in the cnn head (the sample's slices are S/2 = 128 px anyway).
-        self.refine_size = int(refine_size) if refine_size else out_size
-        if not out_size // 4 <= self.refine_size <= out_size:
-            raise SamliverError(f"refine_size must lie in [{out_size // 4}, {out_size}], "
-                                f"got {refine_size}.")
+        # Clamped to [S/2, S], as in the cnn head (a recipe's 128 px is S/2 for S = 1024 too).
+        self.refine_size = (min(max(int(refine_size), out_size // 2), out_size) if refine_size
+                            else out_size)
         if model is not None:
             decoder = copy.deepcopy(model.mask_decoder).float()
             prompt = model.prompt_encoder

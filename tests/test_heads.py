@@ -94,10 +94,8 @@ def test_cnn_refinement_at_half_resolution():
     assert out.shape == (1, 3, 256, 256)
     head.up.full = None
     assert torch.allclose(out, head(emb, image=image))
-    with pytest.raises(SamliverError, match="refine_size"):
-        build_head("cnn", refine_size=512)
-    with pytest.raises(SamliverError, match="refine_size"):
-        build_head("cnn", refine_size=64)
+    assert build_head("cnn", refine_size=512).up.refine_size == 256  # clamped to [S/2, S]
+    assert build_head("cnn", refine_size=64).up.refine_size == 128
 
 
 def test_context_head_starts_as_the_2d_head_and_checks_its_input():
@@ -187,3 +185,18 @@ def test_train_head_feeds_fine_features():
     assert res.head.fine_features == 8 and len(res.history["loss"]) == 3
     with pytest.raises(SamliverError, match="fine="):
         train_head(emb, labels, images=images, config=cfg, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "autosam"])
+def test_refine_size_is_clamped_to_the_model_frame(kind):
+    """A recipe's refine_size=128 (S/2 of LiteMedSAM) becomes S/2 for SAM's 1024 frame, and the
+    refined head still returns logits at S."""
+    import torch
+
+    small = build_head(kind, embed_dim=16, out_size=256, refine_size=128)
+    assert small.refine_size == 128 if kind == "autosam" else small.up.refine_size == 128
+    big = build_head(kind, embed_dim=16, out_size=1024, refine_size=128).eval()
+    assert (big.refine_size if kind == "autosam" else big.up.refine_size) == 512
+    with torch.no_grad():
+        out = big(torch.randn(1, 16, 64, 64), image=torch.rand(1, 1, 1024, 1024))
+    assert out.shape == (1, 3, 1024, 1024)
