@@ -10,6 +10,7 @@ round-robin against the current int8 and bf16 in one process.
 Usage (one quantisation per process; each takes a few minutes on 2 cores):
     python data_scripts/int8_sensitivity.py quantize NAME [NAME ...]   # writes <out>/NAME/
     python data_scripts/int8_sensitivity.py time NAME [NAME ...]       # round-robin s/slice
+    python data_scripts/int8_sensitivity.py wide NAME [NAME ...]       # Dice on all 112 non-calibration slices
     python data_scripts/int8_sensitivity.py bypass BASE                # fast per-part sensitivity
     python data_scripts/int8_sensitivity.py list
 
@@ -169,7 +170,8 @@ def quantize(name: str, out: Path) -> dict:
     fp32_model = ov.Core().read_model(str(fp32_path))
     names = [op.get_friendly_name() for op in fp32_model.get_ops()
              if any(re.search(p, _module_name(op)) for p in r.get("ignored_modules", []))]
-    scope = nncf.IgnoredScope(names=names, patterns=r.get("ignored_patterns", []), types=r.get("ignored_types", []),
+    # NNCF anchors patterns at the start of a name (re.match): search anywhere instead.
+    scope = nncf.IgnoredScope(names=names, patterns=[".*" + p for p in r.get("ignored_patterns", [])], types=r.get("ignored_types", []),
                               validate=False)
     if "disable_bias_correction" in r:
         adv.disable_bias_correction = True
@@ -311,9 +313,31 @@ def time_models(names: list[str], out: Path, rounds: int, per_call: int = 4) -> 
     return rec
 
 
+def evaluate_wide(names: list[str], out: Path) -> None:
+    """Mask Dice vs fp32 on every slice that is not one of the 16 calibration slices (112 of 128)."""
+    from samliver.bench import _masks
+
+    model, volume, fp32_path = _setup()
+    calib = set(_calibration_zs(16, HELD_OUT))
+    zs = [z for z in range(volume.hu.shape[0]) if z not in calib]
+    x = _inputs(model, volume, zs)
+    ref_masks = _masks(model, _embed(_compile(fp32_path, "f32"), x), volume, zs)
+    from samliver.evaluation import dice
+
+    for n in names:
+        path = fp32_path if n == "bf16" else out / n / "encoder.xml"
+        masks = _masks(model, _embed(_compile(path, "bf16"), x), volume, zs)
+        scores = [float(dice(a, b)) for a, b in zip(masks, ref_masks)]
+        rec = {"wide_eval": n, "slices": len(zs), "dice_mean": float(np.mean(scores)), "dice_min": float(np.min(scores)),
+               "dice_p10": float(np.percentile(scores, 10)), "load": os.getloadavg()}
+        with open(out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["quantize", "bypass", "time", "list"])
+    ap.add_argument("command", choices=["quantize", "bypass", "time", "wide", "list"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=3)
@@ -327,6 +351,8 @@ def main() -> None:
     elif args.command == "quantize":
         for n in args.names:
             quantize(n, out)
+    elif args.command == "wide":
+        evaluate_wide(args.names, out)
     elif args.command == "bypass":
         bypass(args.names[0], out, args.names[1:] or None)
     else:
