@@ -151,13 +151,18 @@ def test_int8_float_ops_select_modules_and_types(tiny):
     if not backends.installed("openvino"):
         pytest.skip("openvino not installed")
     ir = _tiny_fp32_ir(tiny)
-    neck_convs = backends.int8_float_ops(ir, {"float_types": ("Convolution",), "float_modules": (r"neck\.",)})
+    neck_convs = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), r"neck\."),)})
     assert len(neck_convs) == 2 and all("neck" in n for n in neck_convs)  # neck.0 (1x1) and neck.2 (3x3)
-    neck_all = backends.int8_float_ops(ir, {"float_modules": (r"neck\.",)})
-    assert set(neck_convs) < set(neck_all)  # modules alone: every op of the neck
-    all_convs = backends.int8_float_ops(ir, {"float_types": ("Convolution",)})
-    assert set(neck_convs) < set(all_convs)  # the patch embedding's convolution too
+    neck_all = backends.int8_float_ops(ir, {"float_ops": (((), r"neck\."),)})
+    assert set(neck_convs) < set(neck_all)  # no types: every op of the neck
+    all_convs = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), ""),)})
+    assert set(neck_convs) < set(all_convs)  # no module: the patch embedding's convolution too
+    proj = backends.int8_float_ops(ir, {"float_ops": ((("MatMul",), r"attn\.proj/"),)})
+    assert proj and all("attn.proj" in n for n in proj)
+    both = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), ""), (("MatMul",), r"attn\.proj/"))})
+    assert set(both) == set(all_convs) | set(proj)  # rules add up
     assert backends.int8_float_ops(ir, {}) == []
+    assert backends.int8_float_ops(ir)  # the shipped recipe keeps something in float
     # A convolution fused with a batch norm has a generated name: it takes the module it feeds.
     conv = next(op for op in ir.get_ops() if op.get_friendly_name() == neck_convs[0])
     assert backends.module_name(conv).startswith("__module.neck")
@@ -178,18 +183,17 @@ def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path)
     monkeypatch.setattr(nncf, "quantize", fake_quantize)
     monkeypatch.setattr(backends, "calibration_batches",
                         lambda model, n: [np.zeros((1, 3, 256, 256), np.float32)] * n)
-    recipe = {"calibration_slices": 3, "float_types": ("Convolution",), "float_modules": (r"neck\.",),
-              "fast_bias_correction": True}
+    recipe = {"calibration_slices": 3, "float_ops": ((("Convolution",), r"neck\."),), "fast_bias_correction": True}
     monkeypatch.setattr(backends, "INT8_RECIPE", recipe)
     path = backends._openvino_int8_ir(tiny)
     assert seen["n"] == 3 and seen["model_type"] == nncf.ModelType.TRANSFORMER
     assert sorted(seen["ignored_scope"].names) == backends.int8_float_ops(_tiny_fp32_ir(tiny), recipe)
     assert len(seen["ignored_scope"].names) == 2
     key = json.loads((path.parent / "key.json").read_text())["key"]
-    assert key["precision"] == "int8" and key["recipe"]["float_modules"] == [r"neck\."]
+    assert key["precision"] == "int8" and key["recipe"]["float_ops"] == [[["Convolution"], r"neck\."]]
     # Another recipe is another export: the old one is rebuilt, not reused.
     seen.clear()
-    monkeypatch.setattr(backends, "INT8_RECIPE", {**recipe, "float_modules": (r"blocks\.0\.",)})
+    monkeypatch.setattr(backends, "INT8_RECIPE", {**recipe, "float_ops": (((), r"blocks\.0\."),)})
     backends._openvino_int8_ir(tiny)
     assert "ignored_scope" in seen and not any("neck" in n for n in seen["ignored_scope"].names)
     seen.clear()
