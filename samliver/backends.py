@@ -13,7 +13,8 @@ without the optional packages (``pip install 'samliver[fast]'``).
 
 ``fp32`` on OpenVINO is asked for explicitly (``INFERENCE_PRECISION_HINT=f32``): OpenVINO's
 default on a CPU with native bf16 is bf16, which is *not* exact. ``int8`` is post-training
-quantisation with NNCF, calibrated on real CT slices (the bundled LiTS sample).
+quantisation with NNCF, calibrated on real CT slices (the bundled LiTS sample), with the
+convolutions and attention output projections kept in float (:data:`INT8_RECIPE`).
 
 Exported models live in ``$SAMLIVER_HOME/backends/<model>/<weights sha[:16]>/`` beside a
 ``key.json`` naming the model, weights, input size, format version and each file's SHA-256;
@@ -57,6 +58,19 @@ SUPPORTED = {
     "openvino": ("fp32", "bf16", "int8"),
 }
 CALIBRATION_SLICES = 16  # int8: real CT slices NNCF calibrates on (each costs two encoder passes)
+# The int8 recipe: NNCF post-training quantisation (ModelType.TRANSFORMER) with the ops below kept
+# in float (bf16 where native). Chosen by a sensitivity sweep on the AVX-512-BF16 EPYC
+# (docs/benchmark.md, "int8 mixed precision"; data_scripts/int8_sensitivity.py): every
+# convolution (TinyViT's conv stem and stage, the local convs, the neck) and the attention output
+# projections stay float, the qkv and MLP matmuls run int8. Held-out mask Dice vs fp32 0.9776 ->
+# 0.9879 (bf16: 0.9904) for 1.00-1.07x the old recipe's time. It is part of the export key, so
+# exports of another recipe are rebuilt.
+INT8_RECIPE: dict = {
+    "calibration_slices": CALIBRATION_SLICES,
+    # (op types, module regex) rules; an op matching any rule stays float (see int8_float_ops)
+    "float_ops": ((("Convolution", "GroupConvolution"), ""), ((), r"\.attn\.proj/")),
+    "fast_bias_correction": True,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,24 +308,69 @@ def calibration_batches(model: SamModel, n: int = CALIBRATION_SLICES) -> list[np
     return [model.prepare(window_to_unit(volume.hu[int(z)], WINDOWS[DEFAULT_WINDOW]))[None].numpy() for z in zs]
 
 
+def module_name(op) -> str:
+    """The torch module an OpenVINO IR op came from, as the converter named it.
+
+    Why: ops keep their module path (``__module.layers.1.blocks.0.mlp.fc1/aten::linear/MatMul``),
+    except convolutions fused with their batch norm, which get a generated name
+    (``Multiply_24853``, numbered differently by every conversion): those take the name of the
+    op they feed (``__module.layers.0.blocks.0.conv1.bn/...``), so a recipe can name modules.
+    """
+    name = op.get_friendly_name()
+    if not name.startswith("__module") and op.get_output_size():
+        name = next((t.get_node().get_friendly_name() for t in op.output(0).get_target_inputs()), name)
+    return name
+
+
+def int8_float_ops(ov_model, recipe: dict | None = None) -> list[str]:
+    """The names of the ops of ``ov_model`` that the int8 recipe keeps in float.
+
+    Args:
+        ov_model: the fp32 ``openvino.Model`` about to be quantised.
+        recipe: an int8 recipe (default :data:`INT8_RECIPE`); its ``float_ops`` is a sequence of
+            rules ``(op types, module regex)``: an op stays float when, for some rule, its type
+            is one of the types (empty: any type) and the regex is found in its
+            :func:`module_name` (empty: any module).
+
+    Returns:
+        Sorted op names, for ``nncf.IgnoredScope(names=...)``.
+    """
+    import re
+
+    recipe = INT8_RECIPE if recipe is None else recipe
+    rules = [(set(types), re.compile(pattern)) for types, pattern in recipe.get("float_ops", ())]
+    # Constants (weights, biases) are quantised with the op they feed, never on their own.
+    out = [op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() != "Constant"
+           and any((not types or op.get_type_name() in types) and pattern.search(module_name(op))
+                  for types, pattern in rules)]
+    return sorted(out)
+
+
 def _openvino_int8_ir(model: SamModel) -> Path:
     import openvino as ov
+
+    recipe = dict(INT8_RECIPE)
 
     def build(tmp: Path) -> list[str]:
         try:
             import nncf
         except ImportError as err:
             raise SamliverError("int8 needs NNCF: `pip install 'samliver[int8]'`.") from err
-        data = calibration_batches(model)
+        data = calibration_batches(model, recipe["calibration_slices"])
         fp32 = ov.Core().read_model(str(_openvino_fp32_ir(model)))
         # TRANSFORMER keeps softmax/layer-norm inputs in float and quantises the matmuls, which
-        # is where the time goes in TinyViT/ViT; the generic preset lost more mask Dice.
+        # is where the time goes in TinyViT/ViT; the generic preset lost more mask Dice. The
+        # recipe's float ops run bf16 where the CPU has it (OpenVINOEncoder's hint).
+        scope = nncf.IgnoredScope(names=int8_float_ops(fp32, recipe), validate=False)
         quantised = nncf.quantize(fp32, nncf.Dataset(data), subset_size=len(data),
-                                  model_type=nncf.ModelType.TRANSFORMER)
+                                  model_type=nncf.ModelType.TRANSFORMER, ignored_scope=scope,
+                                  fast_bias_correction=recipe["fast_bias_correction"])
         ov.save_model(quantised, str(tmp / "encoder.xml"), compress_to_fp16=False)
         return ["encoder.xml", "encoder.bin"]
 
-    extra = {"calibration": f"LiTS sample, {CALIBRATION_SLICES} liver slices, abdomen window", "nncf": "transformer"}
+    # The whole recipe is in the key: an export made with another recipe is rebuilt, not reused.
+    extra = {"calibration": f"LiTS sample, {recipe['calibration_slices']} liver slices, abdomen window",
+             "nncf": "transformer", "recipe": json.loads(json.dumps(recipe))}  # tuples as lists, as stored
     return _cached_export(model, "encoder-openvino-int8", _export_key(model, "openvino-ir", "int8", extra), build) / "encoder.xml"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import warnings
 
@@ -138,3 +139,63 @@ def test_openvino_batch_runs_concurrently_with_the_same_result(tiny):
     assert torch.allclose(batch, single, atol=1e-5)
     assert not torch.allclose(batch[0], batch[1])  # in order, not one slice repeated
     assert default_batch_size(model) == 4 and default_batch_size(_copy(tiny, "torch", "fp32")) == 1
+
+
+def _tiny_fp32_ir(tiny):
+    import openvino as ov
+
+    return ov.Core().read_model(str(backends._openvino_fp32_ir(tiny)))
+
+
+def test_int8_float_ops_select_modules_and_types(tiny):
+    if not backends.installed("openvino"):
+        pytest.skip("openvino not installed")
+    ir = _tiny_fp32_ir(tiny)
+    neck_convs = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), r"neck\."),)})
+    assert len(neck_convs) == 2 and all("neck" in n for n in neck_convs)  # neck.0 (1x1) and neck.2 (3x3)
+    neck_all = backends.int8_float_ops(ir, {"float_ops": (((), r"neck\."),)})
+    assert set(neck_convs) < set(neck_all)  # no types: every op of the neck
+    all_convs = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), ""),)})
+    assert set(neck_convs) < set(all_convs)  # no module: the patch embedding's convolution too
+    proj = backends.int8_float_ops(ir, {"float_ops": ((("MatMul",), r"attn\.proj/"),)})
+    assert proj and all("attn.proj" in n for n in proj)
+    both = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), ""), (("MatMul",), r"attn\.proj/"))})
+    assert set(both) == set(all_convs) | set(proj)  # rules add up
+    assert backends.int8_float_ops(ir, {}) == []
+    assert backends.int8_float_ops(ir)  # the shipped recipe keeps something in float
+    # A convolution fused with a batch norm has a generated name: it takes the module it feeds.
+    conv = next(op for op in ir.get_ops() if op.get_friendly_name() == neck_convs[0])
+    assert backends.module_name(conv).startswith("__module.neck")
+
+
+def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path):
+    if not backends.installed("openvino") or importlib.util.find_spec("nncf") is None:
+        pytest.skip("openvino / nncf not installed")
+    import nncf
+
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))  # a fake int8 export must not reach the real cache
+    seen = {}
+
+    def fake_quantize(model, dataset, **kwargs):  # records what the recipe asked NNCF for
+        seen.update(kwargs, n=len(list(dataset.get_inference_data())))
+        return model
+
+    monkeypatch.setattr(nncf, "quantize", fake_quantize)
+    monkeypatch.setattr(backends, "calibration_batches",
+                        lambda model, n: [np.zeros((1, 3, 256, 256), np.float32)] * n)
+    recipe = {"calibration_slices": 3, "float_ops": ((("Convolution",), r"neck\."),), "fast_bias_correction": True}
+    monkeypatch.setattr(backends, "INT8_RECIPE", recipe)
+    path = backends._openvino_int8_ir(tiny)
+    assert seen["n"] == 3 and seen["model_type"] == nncf.ModelType.TRANSFORMER
+    assert sorted(seen["ignored_scope"].names) == backends.int8_float_ops(_tiny_fp32_ir(tiny), recipe)
+    assert len(seen["ignored_scope"].names) == 2
+    key = json.loads((path.parent / "key.json").read_text())["key"]
+    assert key["precision"] == "int8" and key["recipe"]["float_ops"] == [[["Convolution"], r"neck\."]]
+    # Another recipe is another export: the old one is rebuilt, not reused.
+    seen.clear()
+    monkeypatch.setattr(backends, "INT8_RECIPE", {**recipe, "float_ops": (((), r"blocks\.0\."),)})
+    backends._openvino_int8_ir(tiny)
+    assert "ignored_scope" in seen and not any("neck" in n for n in seen["ignored_scope"].names)
+    seen.clear()
+    backends._openvino_int8_ir(tiny)  # the same recipe again: the cached export, no quantisation
+    assert not seen
