@@ -90,12 +90,12 @@ def _parse_combo(name: str) -> dict:
 
 
 def _setup():
-    from samliver.backends import _openvino_fp32_ir
+    from samliver.backends import openvino_fp32_ir
     from samliver.models import get_model
     from samliver.sample import load_sample
 
     model = get_model("litemedsam", device="cpu", backend="torch")
-    return model, load_sample(), _openvino_fp32_ir(model)
+    return model, load_sample(), openvino_fp32_ir(model)
 
 
 def _inputs(model, volume, zs) -> np.ndarray:
@@ -124,14 +124,14 @@ def _embed(compiled, x: np.ndarray) -> np.ndarray:
 
 def _mask_dice(model, volume, embs, ref_masks) -> list[float]:
     # The zero-shot check of `samliver bench`: one tight liver box per slice, masks vs fp32's.
-    from samliver.bench import _masks
+    from samliver.bench import box_masks
     from samliver.evaluation import dice
 
-    return [float(dice(a, b)) for a, b in zip(_masks(model, embs, volume, HELD_OUT), ref_masks)]
+    return [float(dice(a, b)) for a, b in zip(box_masks(model, embs, volume, HELD_OUT), ref_masks)]
 
 
 def _reference(model, volume, fp32_path, out: Path):
-    from samliver.bench import _masks
+    from samliver.bench import box_masks
 
     cache = out / "ref_fp32.npy"
     if cache.exists():
@@ -139,14 +139,13 @@ def _reference(model, volume, fp32_path, out: Path):
     else:
         embs = _embed(_compile(fp32_path, "f32"), _inputs(model, volume, HELD_OUT))
         np.save(cache, embs)
-    return embs, _masks(model, embs, volume, HELD_OUT)
+    return embs, box_masks(model, embs, volume, HELD_OUT)
 
 
 def quantize(name: str, out: Path) -> dict:
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
-                                                       AdvancedSmoothQuantParameters, OverflowFix)
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters, OverflowFix
 
     model, volume, fp32_path = _setup()
     ref, ref_masks = _reference(model, volume, fp32_path, out)
@@ -279,10 +278,10 @@ def time_models(names: list[str], out: Path, rounds: int, per_call: int = 4) -> 
     """Round-robin s/slice (THROUGHPUT model, ``per_call`` slices per call as embed_volume)."""
     import openvino as ov
 
-    from samliver.backends import _openvino_int8_ir
+    from samliver.backends import openvino_int8_ir
 
     model, volume, fp32_path = _setup()
-    paths = {"bf16": (fp32_path, "bf16"), "int8_current": (_openvino_int8_ir(model), "bf16")}
+    paths = {"bf16": (fp32_path, "bf16"), "int8_current": (openvino_int8_ir(model), "bf16")}
     paths.update({n: (out / n / "encoder.xml", "bf16") for n in names})
     x = _inputs(model, volume, HELD_OUT[:8])
     queues = {}
@@ -315,18 +314,18 @@ def time_models(names: list[str], out: Path, rounds: int, per_call: int = 4) -> 
 
 def evaluate_wide(names: list[str], out: Path) -> None:
     """Mask Dice vs fp32 on every slice that is not one of the 16 calibration slices (112 of 128)."""
-    from samliver.bench import _masks
+    from samliver.bench import box_masks
 
     model, volume, fp32_path = _setup()
     calib = set(_calibration_zs(16, HELD_OUT))
     zs = [z for z in range(volume.hu.shape[0]) if z not in calib]
     x = _inputs(model, volume, zs)
-    ref_masks = _masks(model, _embed(_compile(fp32_path, "f32"), x), volume, zs)
+    ref_masks = box_masks(model, _embed(_compile(fp32_path, "f32"), x), volume, zs)
     from samliver.evaluation import dice
 
     for n in names:
         path = fp32_path if n == "bf16" else out / n / "encoder.xml"
-        masks = _masks(model, _embed(_compile(path, "bf16"), x), volume, zs)
+        masks = box_masks(model, _embed(_compile(path, "bf16"), x), volume, zs)
         scores = [float(dice(a, b)) for a, b in zip(masks, ref_masks)]
         rec = {"wide_eval": n, "slices": len(zs), "dice_mean": float(np.mean(scores)), "dice_min": float(np.min(scores)),
                "dice_p10": float(np.percentile(scores, 10)), "load": os.getloadavg()}

@@ -275,7 +275,9 @@ def export_onnx(model: SamModel) -> Path:
     return _cached_export(model, "encoder-onnx", _export_key(model, "onnx", "fp32"), build) / "encoder.onnx"
 
 
-def _openvino_fp32_ir(model: SamModel) -> Path:
+def openvino_fp32_ir(model: SamModel) -> Path:
+    """The model's encoder as an OpenVINO float32 IR, exported once into ``$SAMLIVER_HOME`` (keyed and
+    checked like the embedding cache); its path."""
     import openvino as ov
     import torch
 
@@ -346,7 +348,9 @@ def int8_float_ops(ov_model, recipe: dict | None = None) -> list[str]:
     return sorted(out)
 
 
-def _openvino_int8_ir(model: SamModel) -> Path:
+def openvino_int8_ir(model: SamModel) -> Path:
+    """The encoder quantised by NNCF with ``INT8_RECIPE`` (calibrated on real liver slices), exported
+    once into ``$SAMLIVER_HOME`` with the recipe in its key; its path."""
     import openvino as ov
 
     recipe = dict(INT8_RECIPE)
@@ -357,7 +361,7 @@ def _openvino_int8_ir(model: SamModel) -> Path:
         except ImportError as err:
             raise SamliverError("int8 needs NNCF: `pip install 'samliver[int8]'`.") from err
         data = calibration_batches(model, recipe["calibration_slices"])
-        fp32 = ov.Core().read_model(str(_openvino_fp32_ir(model)))
+        fp32 = ov.Core().read_model(str(openvino_fp32_ir(model)))
         # TRANSFORMER keeps softmax/layer-norm inputs in float and quantises the matmuls, which
         # is where the time goes in TinyViT/ViT; the generic preset lost more mask Dice. The
         # recipe's float ops run bf16 where the CPU has it (OpenVINOEncoder's hint).
@@ -435,7 +439,7 @@ class OpenVINOEncoder:
     def __init__(self, model: SamModel, precision: str, threads: int | None) -> None:
         import openvino as ov
 
-        path = _openvino_int8_ir(model) if precision == "int8" else _openvino_fp32_ir(model)
+        path = openvino_int8_ir(model) if precision == "int8" else openvino_fp32_ir(model)
         self.config = {
             # Without the hint OpenVINO runs bf16 on CPUs that have it: never silently inexact.
             # int8: the layers NNCF left in float run in bf16 where the CPU has it (that is

@@ -97,8 +97,9 @@ def _batch(volume, model, zs, window):
     return torch.stack([model.prepare(window_to_unit(volume.hu[z], window)) for z in zs])
 
 
-def _masks(model, embs, volume, zs) -> list[np.ndarray]:
-    """Masks decoded from ``embs`` (N, 256, 64, 64) with one ``_slice_box`` per slice."""
+def box_masks(model, embs, volume, zs: list[int]) -> list[np.ndarray]:
+    """Masks decoded exactly from ``embs`` (N, 256, 64, 64), one tight liver box per slice of ``zs``:
+    the encoder backends' accuracy check (their masks against fp32's)."""
     from .prompt_based_segmentation import Predictor
 
     predictor = Predictor(model, decoder="shared")  # exact: the check is the encoder's
@@ -113,7 +114,7 @@ def _box_dice(model, embs: np.ndarray, volume, zs) -> float:
     """Mean liver Dice of the tight ground-truth box masks over the slices with liver."""
     from .evaluation import dice
 
-    scores = [dice(m, volume.label[z] > 0) for m, z in zip(_masks(model, embs, volume, zs), zs)
+    scores = [dice(m, volume.label[z] > 0) for m, z in zip(box_masks(model, embs, volume, zs), zs)
               if (volume.label[z] > 0).any()]
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -338,7 +339,7 @@ def run_bench(
                 faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(zs))
         # accuracy: embeddings and tight-box liver masks vs fp32 on the accuracy slices
         ref = runnable[0][3](x_acc).float().numpy()
-        ref_masks = _masks(model, ref, volume, acc_zs)
+        ref_masks = box_masks(model, ref, volume, acc_zs)
         bare_s = statistics.median(timings["bare"])
         fastest = None
         for name, _backend, precision, fn, note in candidates[:1] + [runnable[1]] + candidates[1:]:
@@ -351,7 +352,7 @@ def run_bench(
                 add("encoder_bare_agreement", sec / bare_s, "x", "bare_again / bare: ~1 when the two bare loops agree")
                 continue
             out = (fn(acc_zs) if name == "default" else fn(x_acc)).float().numpy()
-            masks = _masks(model, out, volume, acc_zs)
+            masks = box_masks(model, out, volume, acc_zs)
             scores = [dice(a, b) for a, b in zip(masks, ref_masks)]
             peak = peaks.get("int8" if precision == "int8" else precision) or peaks["fp32"]
             if precision == "int8" and peak < peaks["fp32"]:

@@ -144,7 +144,7 @@ def test_openvino_batch_runs_concurrently_with_the_same_result(tiny):
 def _tiny_fp32_ir(tiny):
     import openvino as ov
 
-    return ov.Core().read_model(str(backends._openvino_fp32_ir(tiny)))
+    return ov.Core().read_model(str(backends.openvino_fp32_ir(tiny)))
 
 
 def test_int8_float_ops_select_modules_and_types(tiny):
@@ -185,7 +185,7 @@ def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path)
                         lambda model, n: [np.zeros((1, 3, 256, 256), np.float32)] * n)
     recipe = {"calibration_slices": 3, "float_ops": ((("Convolution",), r"neck\."),), "fast_bias_correction": True}
     monkeypatch.setattr(backends, "INT8_RECIPE", recipe)
-    path = backends._openvino_int8_ir(tiny)
+    path = backends.openvino_int8_ir(tiny)
     assert seen["n"] == 3 and seen["model_type"] == nncf.ModelType.TRANSFORMER
     assert sorted(seen["ignored_scope"].names) == backends.int8_float_ops(_tiny_fp32_ir(tiny), recipe)
     assert len(seen["ignored_scope"].names) == 2
@@ -194,8 +194,8 @@ def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path)
     # Another recipe is another export: the old one is rebuilt, not reused.
     seen.clear()
     monkeypatch.setattr(backends, "INT8_RECIPE", {**recipe, "float_ops": (((), r"blocks\.0\."),)})
-    backends._openvino_int8_ir(tiny)
+    backends.openvino_int8_ir(tiny)
     assert "ignored_scope" in seen and not any("neck" in n for n in seen["ignored_scope"].names)
     seen.clear()
-    backends._openvino_int8_ir(tiny)  # the same recipe again: the cached export, no quantisation
+    backends.openvino_int8_ir(tiny)  # the same recipe again: the cached export, no quantisation
     assert not seen
