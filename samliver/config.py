@@ -77,12 +77,12 @@ RECIPES: dict[str, dict] = {
     "linear": {"kind": "linear", "steps": 300, "fast": {"steps": 50}},
     "cnn": {"kind": "cnn", "steps": 300, "fast": {"steps": 50}},
     "vit": {"kind": "vit", "steps": 300, "fast": {"steps": 50}},
-    # 110 steps x batch 8 at lr 3e-3, every labelled slice trained (no hold-out), the refinement
-    # block at the sample's native 128 px, bf16 where native. Against 120 steps with the block at
-    # 256 (157 s on the AVX-512-BF16 EPYC, 0.967 / 0.844), in the same runs: sparse 0.969 / 0.856
-    # (120 steps), slab 0.852 / 0.671 vs 0.837 / 0.637 (docs/training_speed.md).
-    "autosam": {"kind": "autosam", "steps": 110, "fast": {"steps": 33}, "batch_size": 8, "lr": 3e-3,
-                "head_options": {"refine_size": 128}, "val_fraction": 0.0, "eval_every": 110,
+    # 120 steps x batch 8 at lr 3e-3, every labelled slice trained (no hold-out), the refinement
+    # block at the sample's native 128 px (1.20x per step), bf16 where native. Same runs, block
+    # at 128 vs 256: sparse 0.969 / 0.856 vs 0.968 / 0.842; slab (110 steps) 0.852 / 0.671 vs
+    # 0.837 / 0.637 (docs/training_speed.md).
+    "autosam": {"kind": "autosam", "steps": 120, "fast": {"steps": 33}, "batch_size": 8, "lr": 3e-3,
+                "head_options": {"refine_size": 128}, "val_fraction": 0.0, "eval_every": 120,
                 "bf16": None},
 }
 """Named training recipes: ``TrainConfig`` fields plus ``fast``, the fields that change in a ``SAMLIVER_FAST`` run."""
