@@ -430,14 +430,17 @@ def _split_values(rs: list[dict], metric: str) -> list[float | None]:
 def _heads_table(records: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
+        # nnU-Net's budget is part of what a row means: one row per epochs x iterations.
         groups.setdefault((r.get("model"), r["protocol"], r["k"], r["method"], r.get("steps"),
-                           r.get("fast")), []).append(r)
+                           r.get("fast"), r.get("epochs"), r.get("iterations")), []).append(r)
     lines = ["| model | protocol | K | method | steps | liver Dice | tumour Dice | seeds | "
              "s / run (median) | splits |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, protocol, k, method, steps, fast), rs in sorted(
-            groups.items(), key=lambda t: tuple(str(v) for v in t[0])):
+    for (model, protocol, k, method, steps, fast, epochs, iterations), rs in sorted(
+            groups.items(), key=lambda t: tuple(str(v).zfill(6) if isinstance(v, int) else str(v)
+                                                for v in t[0])):
         secs = [r["seconds"] for r in rs if r.get("seconds") is not None]
-        step_txt = ("recipe" if steps is None else str(steps)) + (" (FAST)" if fast else "")
+        step_txt = (f"{epochs} epochs x {iterations}" if epochs is not None
+                    else "recipe" if steps is None else str(steps)) + (" (FAST)" if fast else "")
         sec_txt = f"{np.median(secs):.0f}" if secs else "—"
         n_splits = len({r.get("split") for r in rs if r.get("split") is not None})
         lines.append(f"| {model} | {protocol} | {k} | `{method}` | {step_txt} | "

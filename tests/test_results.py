@@ -201,3 +201,15 @@ def test_cli_passes_the_grid_and_the_split_options(tmp_path, monkeypatch):
     assert splits["heads"] == ["default"] and splits["splits"] == 4 and splits["seeds"] == [0, 1]
     with pytest.raises(SamliverError, match="--splits"):
         results_cli.main(["--run", "splits", "--splits", "0"])
+
+
+def test_nnunet_budgets_get_their_own_rows(tmp_path):
+    """Records of two nnU-Net budgets are two rows, each naming its epochs, never one average."""
+    base = {"model": "litemedsam", "protocol": "slab", "k": 8, "method": "nnunet", "seed": 0,
+            "split": None, "steps": None, "fast": False, "iterations": 50, "seconds": 1.0}
+    rows = [dict(base, epochs=10, liver_dice=0.5, tumour_dice=0.6),
+            dict(base, epochs=25, liver_dice=0.9, tumour_dice=0.7)]
+    (tmp_path / "heads.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = results.build_markdown(tmp_path)
+    assert "| `nnunet` | 10 epochs x 50 | 0.500 | 0.600 |" in page
+    assert "| `nnunet` | 25 epochs x 50 | 0.900 | 0.700 |" in page
