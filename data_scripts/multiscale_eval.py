@@ -44,6 +44,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# The same scoring and validation slots as the heads study (this folder is on sys.path when a
+# script here runs): the two tables are comparable by construction.
+from heads_eval import VAL_SLOTS, _score  # noqa: E402
 from torch import nn
 from torch.nn import functional as F
 
@@ -51,10 +55,8 @@ import samliver.training as training
 from samliver.checkpoints import model_info
 from samliver.datasets import protocol_split
 from samliver.embeddings import cache_key, embed_volume
-from samliver.evaluation import label_dice, lesion_scores
 from samliver.heads import CNNHead, build_head, predict_logits
 from samliver.models import get_model
-from samliver.postprocess import postprocess
 from samliver.preprocess import window_to_unit
 from samliver.sample import load_sample
 from samliver.training import recipe, train_head
@@ -70,7 +72,6 @@ OPTIONS = {
     # embeddings.embed_fine_features, train_head(fine=), predict_probabilities.
     "fine-lib": {"fine": False, "l2": False, "library": True},
 }
-VAL_SLOTS = (2, 5)  # as heads_eval.py
 FINE_CH, L2_CH = 128, 320
 
 
@@ -221,17 +222,6 @@ def probabilities(volume, embeddings, feats: Features, head, zs: list[int], opt:
                            batch_size=8)
         out.append(np.asarray(tf.mask_to_original(p.astype(np.float32)), np.float32))
     return np.concatenate(out)
-
-
-def _score(volume, probs, zs, post: bool) -> dict:
-    pred = probs.argmax(1).astype(np.uint8)
-    if post:
-        pred = postprocess(pred)
-    out = {k: round(float(v), 4) for k, v in label_dice(pred, volume.label[zs]).items()}
-    if post:
-        les = lesion_scores(pred, volume.label[zs])
-        out["lesion_f1"] = None if les.get("lesion_f1") is None else round(float(les["lesion_f1"]), 4)
-    return out
 
 
 def summary(paths: list[str]) -> str:

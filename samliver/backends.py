@@ -33,9 +33,7 @@ import ctypes
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -43,7 +41,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .config import DEFAULT_WINDOW
-from .util import SamliverError, atomic_write_text, cache_dir, sha256_file
+from .util import SamliverError, atomic_folder, atomic_write_text, cache_dir, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import SamModel
@@ -231,8 +229,7 @@ def _cached_export(model: SamModel, name: str, key: dict, build: Callable[[Path]
             return folder
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass  # missing or unreadable: rebuild below
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         with warnings.catch_warnings():
             # Tracing warns about every Python-level shape check in the model's code; they are
             # about the model authors' code and the export is checked by its key, not by eye.
@@ -240,12 +237,6 @@ def _cached_export(model: SamModel, name: str, key: dict, build: Callable[[Path]
             files = build(tmp)
         atomic_write_text(tmp / "key.json", json.dumps(
             {"key": key, "files": {f: sha256_file(tmp / f) for f in files}}, indent=1, sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -591,28 +591,18 @@ class OpenVINODecoder:
         """Write ``model`` as OpenVINO IR with its ``key.json`` into the folder ``target`` (None:
         nowhere), whole or not at all: a crash never leaves a half-written export."""
         import json
-        import os
-        import shutil
-        import tempfile
-        from pathlib import Path
 
         import openvino as ov
+
+        from .util import atomic_folder
 
         if target is None:
             return
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            try:
+            with atomic_folder(target) as tmp:
                 # compress_to_fp16=False: the weights stay float32 (the default would round them).
                 ov.save_model(model, str(tmp / "decoder.xml"), compress_to_fp16=False)
                 (tmp / "key.json").write_text(json.dumps(key, indent=1))
-                if target.exists():
-                    shutil.rmtree(target, ignore_errors=True)
-                os.replace(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         except OSError:
             pass  # an unwritable cache only costs the next process a new trace
 

@@ -38,3 +38,21 @@ def test_unwritable_cache(tmp_path, monkeypatch):
         monkeypatch.setenv("SAMLIVER_HOME", str(ro / "home"))
     with pytest.raises(SamliverError, match="SAMLIVER_HOME"):
         cache_dir("embeddings")
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    from samliver.util import atomic_folder
+
+    target = tmp_path / "export"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("2")
+            raise RuntimeError("crash mid-build")
+    assert (target / "a.txt").read_text() == "1"  # the good export survives a failed build
+    with atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left
