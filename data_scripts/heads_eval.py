@@ -56,22 +56,30 @@ def _score(volume, probs, zs, post: bool = True, min_lesion: int | None = None) 
     return out
 
 
-def summary(paths: list[str]) -> str:
-    """Markdown tables (mean +- sd over seeds) of the records in ``paths``."""
+def read_groups(paths: list[str]) -> dict:
+    """The JSON-lines records of ``paths`` grouped by (mode, protocol, option, variant)."""
     recs = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
     groups: dict = {}
     for r in recs:
         groups.setdefault((r["mode"], r["protocol"], r["option"], r["variant"]), []).append(r)
+    return groups
+
+
+def fmt(vals: list, nd: int = 3) -> str:
+    """Mean ± sample sd of the finite values (one value as is, none as "-")."""
+    vals = [v for v in vals if v is not None and v == v]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{nd}f}"
+    return f"{np.mean(vals):.{nd}f} ± {np.std(vals, ddof=1):.{nd}f}"
+
+
+def summary(paths: list[str]) -> str:
+    """Markdown tables (mean +- sd over seeds) of the records in ``paths``."""
     lines = ["| split | protocol | option | variant | liver Dice | tumour Dice | lesion F1 | train s | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
-
-    def fmt(vals: list) -> str:
-        vals = [v for v in vals if v is not None and v == v]
-        if not vals:
-            return "-"
-        return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
-
-    for (mode, protocol, option, variant), rs in sorted(groups.items()):
+    for (mode, protocol, option, variant), rs in sorted(read_groups(paths).items()):
         lines.append(f"| {mode} | {protocol} | {option} | {variant} | "
                      f"{fmt([r.get('liver_dice') for r in rs])} | {fmt([r.get('tumour_dice') for r in rs])} | "
                      f"{fmt([r.get('lesion_f1') for r in rs])} | {fmt([r.get('train_seconds') for r in rs])} | {len(rs)} |")

@@ -47,7 +47,7 @@ import torch
 
 # The same scoring and validation slots as the heads study (this folder is on sys.path when a
 # script here runs): the two tables are comparable by construction.
-from heads_eval import VAL_SLOTS, _score  # noqa: E402
+from heads_eval import VAL_SLOTS, _score, fmt, read_groups  # noqa: E402
 from torch import nn
 from torch.nn import functional as F
 
@@ -226,23 +226,10 @@ def probabilities(volume, embeddings, feats: Features, head, zs: list[int], opt:
 
 def summary(paths: list[str]) -> str:
     """Markdown table (mean +- sd over seeds) of the records in ``paths``."""
-    recs = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
-    groups: dict = {}
-    for r in recs:
-        groups.setdefault((r["mode"], r["protocol"], r["option"], r["variant"]), []).append(r)
     lines = ["| split | protocol | option | variant | liver Dice | tumour Dice | lesion F1 | train s | infer s | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def fmt(vals: list, nd: int = 3) -> str:
-        vals = [v for v in vals if v is not None and v == v]
-        if not vals:
-            return "-"
-        if len(vals) == 1:
-            return f"{vals[0]:.{nd}f}"
-        return f"{np.mean(vals):.{nd}f} ± {np.std(vals, ddof=1):.{nd}f}"
-
     order = {k: i for i, k in enumerate(OPTIONS)}
-    for (mode, protocol, option, variant), rs in sorted(groups.items(), key=lambda kv: (
+    for (mode, protocol, option, variant), rs in sorted(read_groups(paths).items(), key=lambda kv: (
             kv[0][0], kv[0][1], kv[0][3], order.get(kv[0][2], 99))):
         lines.append(f"| {mode} | {protocol} | {option} | {variant} | "
                      f"{fmt([r.get('liver_dice') for r in rs])} | {fmt([r.get('tumour_dice') for r in rs])} | "
