@@ -28,6 +28,14 @@ def _copy(model, backend, precision):
     return dataclasses.replace(model, backend=backend, precision=precision, _runner=None, _runner_for=())
 
 
+needs_openvino = pytest.mark.skipif(not backends.installed("openvino"), reason="openvino not installed")
+
+
+def _slices(model, n: int, seed: int) -> torch.Tensor:
+    """``n`` random model inputs (n, 3, S, S), the same for a given seed."""
+    return torch.randn(n, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(seed))
+
+
 def test_resolve_auto_picks_an_exact_backend_on_cpu():
     backend, precision = backends.resolve("auto", "auto", "cpu")
     assert precision == "fp32"
@@ -82,18 +90,17 @@ def test_cache_key_names_backend_and_precision(tiny, small_phantom):
 def test_cpu_engines_match_torch_fp32(tiny, backend):
     if not backends.installed(backend):
         pytest.skip(f"{backend} not installed (pip install 'samliver[fast]')")
-    x = torch.randn(2, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(0))
+    x = _slices(tiny, 2, seed=0)
     ref = _copy(tiny, "torch", "fp32").encode(x)
     out = _copy(tiny, backend, "fp32").encode(x)
     assert out.shape == ref.shape == (2, 256, 64, 64) and out.dtype == torch.float32
     assert float((out - ref).abs().max()) < 1e-3 * float(ref.abs().max())
 
 
+@needs_openvino
 def test_export_is_cached_and_rebuilt_when_corrupt(tiny):
-    if not backends.installed("openvino"):
-        pytest.skip("openvino not installed")
     model = _copy(tiny, "openvino", "fp32")
-    x = torch.randn(1, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(1))
+    x = _slices(tiny, 1, seed=1)
     first = model.encode(x)
     folder = backends.export_dir(model) / "encoder-openvino-fp32"
     stamp = json.loads((folder / "key.json").read_text())
@@ -126,13 +133,12 @@ def test_get_model_takes_backend_and_the_cli_option(monkeypatch, tmp_path, capsy
     assert np.isfinite(model.encode(torch.zeros(1, 3, 256, 256)).numpy()).all()
 
 
+@needs_openvino
 def test_openvino_batch_runs_concurrently_with_the_same_result(tiny):
     # Several slices go through the THROUGHPUT model (one stream per core), one through the
     # LATENCY model: both must give each slice's embedding, in order.
-    if not backends.installed("openvino"):
-        pytest.skip("openvino not installed")
     model = _copy(tiny, "openvino", "fp32")
-    x = torch.randn(3, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(2))
+    x = _slices(tiny, 3, seed=2)
     batch = model.encode(x)
     single = torch.cat([model.encode(x[i : i + 1]) for i in range(3)])
     assert batch.shape == (3, 256, 64, 64)
@@ -147,9 +153,8 @@ def _tiny_fp32_ir(tiny):
     return ov.Core().read_model(str(backends.openvino_fp32_ir(tiny)))
 
 
+@needs_openvino
 def test_int8_float_ops_select_modules_and_types(tiny):
-    if not backends.installed("openvino"):
-        pytest.skip("openvino not installed")
     ir = _tiny_fp32_ir(tiny)
     neck_convs = backends.int8_float_ops(ir, {"float_ops": ((("Convolution",), r"neck\."),)})
     assert len(neck_convs) == 2 and all("neck" in n for n in neck_convs)  # neck.0 (1x1) and neck.2 (3x3)
