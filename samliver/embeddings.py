@@ -25,6 +25,7 @@ from .util import SamliverError, atomic_path, atomic_write_text, cache_dir, chec
 CACHE_FORMAT = 2  # bump when the on-disk layout or preprocessing code changes meaning
 _EMB_SHAPE = (256, 64, 64)
 FINE_STAGE = "layers.0"  # the encoder stage embed_fine_features caches
+_FINE_SHAPES: dict[tuple, tuple] = {}  # (model name, input size) -> one slice's fine-feature shape
 
 
 def _hu_of(volume) -> np.ndarray:
@@ -306,8 +307,13 @@ def embed_fine_features(volume, model, slices=None, window=DEFAULT_WINDOW, progr
     root = Path(cache_root) if cache_root is not None else cache_dir("embeddings")
     folder = _prepare_cache_folder(root, key)
     lo, hi = key["window"]
-    probe = fine_stage(model, torch.zeros(1, 3, model.image_size, model.image_size))
-    shape = tuple(probe.shape[1:])
+    # The stage's shape depends only on the architecture and input size: probe it once per
+    # model kind, not on every call (inference asks for cached features on every prediction).
+    arch = (model.name, model.image_size)
+    if arch not in _FINE_SHAPES:
+        probe = fine_stage(model, torch.zeros(1, 3, model.image_size, model.image_size))
+        _FINE_SHAPES[arch] = tuple(probe.shape[1:])
+    shape = _FINE_SHAPES[arch]
     result = VolumeEmbeddings(folder, key, zs, hu.shape[1:], model.image_size, shape=shape)
     todo = [z for z in zs if z not in result]
     result.computed = list(todo)
