@@ -516,9 +516,17 @@ class OpenVINODecoder:
         self._requests: dict = {}  # (multimask_output, STATIC_TOKENS or None) -> infer request
         self._bound: dict = {}  # same keys -> the SliceCache bound to that request
         self._weights: tuple | None = None  # (params key, digest) of the traced weights
+        self._param_list: list | None = None  # the decoder's parameters, listed once per slice
+        self._weights_owner: Any = None  # the decoder copy whose memory the traced graph's constants use
 
     def _params_key(self) -> tuple:
-        return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.shared.decoder.parameters())
+        # Checked on every prompt, so the parameter list is walked from the module tree only once
+        # per slice (_bind drops it): the walk cost ~0.5 ms a prompt. In-place updates (optimiser
+        # steps, load_state_dict) bump a tensor's version and are seen at once; a parameter
+        # replaced by a new object is seen from the next slice on.
+        if self._param_list is None:
+            self._param_list = list(self.shared.decoder.parameters())
+        return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self._param_list)
 
     def _inputs(self, cache: SliceCache) -> tuple[list, list]:
         """The cache's tensors in graph-input order and the layout (field names per stage)."""
@@ -532,6 +540,7 @@ class OpenVINODecoder:
     def _export(self, cache: SliceCache, sparse: Any, multimask: bool):
         """The OpenVINO model of ``decode_outputs`` for one prompt: read from ``folder``, copied
         from this process's earlier trace, or traced (a fresh copy each time: callers change it)."""
+        import copy
         import json
         import warnings
         from pathlib import Path
@@ -557,14 +566,20 @@ class OpenVINODecoder:
             except (OSError, ValueError):
                 pass  # missing or unreadable: rebuilt below
         if memo in _TRACED:
-            model = _TRACED[memo].clone()
+            model, self._weights_owner = _TRACED[memo][0].clone(), _TRACED[memo][1]
             self._save(model, key, target)
             return model
+
+        # The converted graph's constants share memory with the traced module's weights (clones
+        # too): tracing the live decoder would let a later in-place update (an optimiser step,
+        # load_state_dict) rewrite this process's memo of the old weights. A private copy, kept
+        # alive beside the memo, holds them still.
+        frozen = SharedImageDecoder(shared.prompt_encoder, copy.deepcopy(shared.decoder))
 
         class _PerPrompt(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.decoder = shared.decoder  # its weights as module parameters, not captured tensors
+                self.decoder = frozen.decoder  # its weights as module parameters, not captured tensors
 
             def forward(self, sparse_tokens, *cache_tensors):
                 it = iter(cache_tensors)
@@ -573,7 +588,7 @@ class OpenVINODecoder:
                     fields = dict.fromkeys(_STAGE_FIELDS)
                     fields.update({n: next(it) for n in names})
                     stages.append(_Stage(**fields))
-                return shared.decode_outputs(SliceCache(stages=stages, hw=hw), sparse_tokens, first, last)
+                return frozen.decode_outputs(SliceCache(stages=stages, hw=hw), sparse_tokens, first, last)
 
         # Traced outside inference mode (inference tensors cannot be traced), on copies.
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -582,7 +597,8 @@ class OpenVINODecoder:
             model = ov.convert_model(_PerPrompt(), example_input=example)
         while len(_TRACED) >= _TRACED_MAX:
             _TRACED.pop(next(iter(_TRACED)))
-        _TRACED[memo] = model.clone()
+        _TRACED[memo] = (model.clone(), frozen)
+        self._weights_owner = frozen
         self._save(model, key, target)
         return model
 
@@ -673,6 +689,8 @@ class OpenVINODecoder:
         import openvino as ov
         import torch
 
+        if not any(bound is cache for bound in self._bound.values()):
+            self._param_list = None  # a new slice: list the parameters anew
         request, key = self._request(cache, sparse, multimask_output)
         if self._bound.get(key) is not cache:
             self._bind(request, cache)

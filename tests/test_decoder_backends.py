@@ -125,6 +125,25 @@ def test_export_follows_weight_updates(slice_and_prompts, folder):
             mlp.weight.copy_(saved)
 
 
+def test_a_replaced_parameter_is_seen_on_the_next_slice(tiny, slice_and_prompts, folder):
+    """The parameter list is kept per slice: a parameter object swapped in is used from the next slice on."""
+    import torch
+
+    shared, cache, box_sparse, _ = slice_and_prompts
+    engine = OpenVINODecoder(shared, precision="fp32", threads=1, folder=folder)
+    engine.decode(cache, box_sparse[:1])
+    mlp = shared.decoder.output_hypernetworks_mlps[0].layers[-1]
+    saved = mlp.weight
+    try:
+        mlp.weight = torch.nn.Parameter(saved.detach() * -1.0)
+        with torch.inference_mode():
+            feats = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(6))
+            fresh = shared.prepare_slice(feats, tiny.prompt_encoder.get_dense_pe())
+        _close(engine.decode(fresh, box_sparse[:1])[0].numpy(), shared.decode(fresh, box_sparse[:1])[0].numpy())
+    finally:
+        mlp.weight = saved
+
+
 def test_unknown_precision_is_refused(slice_and_prompts):
     with pytest.raises(ValueError, match="precision"):
         OpenVINODecoder(slice_and_prompts[0], precision="int8")
