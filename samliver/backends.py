@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -446,6 +447,10 @@ class OpenVINOEncoder:
         self.network = self.core.read_model(str(path))
         self.request = self.core.compile_model(self.network, "CPU", {**self.config, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
         self._queue = None
+        # One infer request (and one queue) serves every caller: threads that share a model (two
+        # embed_volume calls at once) take turns, else one reads the other's output or OpenVINO
+        # refuses a busy request.
+        self._lock = threading.Lock()
 
     def _throughput_queue(self):
         import openvino as ov
@@ -459,18 +464,19 @@ class OpenVINOEncoder:
         import torch
 
         x = batch.detach().cpu().float().numpy()
-        if len(x) == 1:
-            self.request.infer({0: x})
-            return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True))
-        queue, out = self._throughput_queue(), [None] * len(x)
+        with self._lock:
+            if len(x) == 1:
+                self.request.infer({0: x})
+                return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True))
+            queue, out = self._throughput_queue(), [None] * len(x)
 
-        def done(request, i):
-            out[i] = np.array(request.get_output_tensor(0).data, copy=True)
+            def done(request, i):
+                out[i] = np.array(request.get_output_tensor(0).data, copy=True)
 
-        queue.set_callback(done)
-        for i in range(len(x)):
-            queue.start_async({0: x[i : i + 1]}, i)
-        queue.wait_all()
+            queue.set_callback(done)
+            for i in range(len(x)):
+                queue.start_async({0: x[i : i + 1]}, i)
+            queue.wait_all()
         return torch.from_numpy(np.concatenate(out))
 
 

@@ -147,6 +147,20 @@ def test_openvino_batch_runs_concurrently_with_the_same_result(tiny):
     assert default_batch_size(model) == 4 and default_batch_size(_copy(tiny, "torch", "fp32")) == 1
 
 
+@needs_openvino
+def test_openvino_encoder_serves_threads_that_share_a_model(tiny):
+    """Threads sharing one model take turns on its infer requests: each gets its own slices' embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _copy(tiny, "openvino", "fp32")
+    inputs = [_slices(tiny, n, seed=10 + n) for n in (1, 2, 1, 3, 1, 2)]
+    alone = [model.encode(x) for x in inputs]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(model.encode, inputs))
+    for a, b in zip(alone, together):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def _tiny_fp32_ir(tiny):
     import openvino as ov
 
