@@ -87,5 +87,5 @@ RECIPES: dict[str, dict] = {
 }
 """Named training recipes: ``TrainConfig`` fields plus ``fast``, the fields that change in a ``SAMLIVER_FAST`` run."""
 
-UNET_STEPS = {"full": 300, "fast": 50}
+UNET_STEPS = {"full": 300, "fast": 25}
 """Training steps of the UNet / SSL-UNet baselines (full run, ``SAMLIVER_FAST`` run)."""
