@@ -10,6 +10,7 @@ round-robin against the current int8 and bf16 in one process.
 Usage (one quantisation per process; each takes a few minutes on 2 cores):
     python data_scripts/int8_sensitivity.py quantize NAME [NAME ...]   # writes <out>/NAME/
     python data_scripts/int8_sensitivity.py evaluate NAME@f32 [...]    # a saved variant compiled another way
+    python data_scripts/int8_sensitivity.py mark NAME f32_but_convs     # NAME with those ops kept f32 at bf16
     python data_scripts/int8_sensitivity.py profile fp32@bf16 NAME ... # time per layer type (shares)
     python data_scripts/int8_sensitivity.py time NAME [NAME ...]       # round-robin s/slice
     python data_scripts/int8_sensitivity.py wide NAME [NAME ...]       # Dice on all 112 non-calibration slices
@@ -159,6 +160,41 @@ def _saved(out: Path, name: str) -> tuple[Path, str, dict]:
         else:
             hint = opt
     return folder / "encoder.xml", hint, extra
+
+
+# Per-op precision in a bf16-compiled model: the CPU plugin leaves an op in its original
+# precision when its rt_info disables conversion to bf16/f16. Only ops that reach the plugin as
+# they are keep it (the attribute is not copied to ops that transformations create, e.g. the
+# FullyConnected built from a float MatMul, or fused snippets), so check with fc_kernels.
+F32_MARKS = {
+    "f32_all": (set(), None),  # every op the attribute survives on
+    "f32_but_convs": ({"Convolution", "GroupConvolution"}, None),
+    "f32_neck": (set(), r"neck"),
+}
+
+
+def mark_f32(base: str, kind: str, out: Path) -> str:
+    """Copy saved variant ``base`` to ``base+<kind>`` with the ops of ``kind`` marked to stay f32."""
+    import shutil
+    import xml.etree.ElementTree as ET
+
+    skip_types, pattern = F32_MARKS[kind]
+    skip_types = skip_types | {"Parameter", "Result", "Constant", "FakeQuantize"}
+    tree = ET.parse(out / base / "encoder.xml")
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("type") in skip_types or (pattern and not re.search(pattern, layer.get("name", ""))):
+            continue
+        rt = layer.find("rt_info")
+        rt = ET.SubElement(layer, "rt_info") if rt is None else rt
+        # "dynamic:bf16,f16": from any type to bf16/f16 (not dynamic:dynamic, which also stops i64 -> i32).
+        ET.SubElement(rt, "attribute", {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:bf16,f16"})
+    name = f"{base}+{kind}"
+    (out / name).mkdir(parents=True, exist_ok=True)
+    tree.write(out / name / "encoder.xml")
+    shutil.copy(out / base / "encoder.bin", out / name / "encoder.bin")
+    if (out / base / "compile.json").exists():
+        shutil.copy(out / base / "compile.json", out / name / "compile.json")
+    return name
 
 
 def profile(names: list[str], out: Path, runs: int = 3) -> None:
@@ -480,7 +516,7 @@ def evaluate_wide(names: list[str], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["quantize", "evaluate", "profile", "bypass", "time", "wide", "list"])
+    ap.add_argument("command", choices=["quantize", "evaluate", "mark", "profile", "bypass", "time", "wide", "list"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=3)
@@ -498,6 +534,8 @@ def main() -> None:
         evaluate(args.names, out)
     elif args.command == "profile":
         profile(args.names, out)
+    elif args.command == "mark":  # mark BASE KIND [KIND ...], then evaluate / time BASE+KIND
+        print("\n".join(mark_f32(args.names[0], k, out) for k in args.names[1:]))
     elif args.command == "wide":
         evaluate_wide(args.names, out)
     elif args.command == "bypass":
