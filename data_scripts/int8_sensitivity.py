@@ -166,10 +166,15 @@ def _saved(out: Path, name: str) -> tuple[Path, str, dict]:
 # precision when its rt_info disables conversion to bf16/f16. Only ops that reach the plugin as
 # they are keep it (the attribute is not copied to ops that transformations create, e.g. the
 # FullyConnected built from a float MatMul, or fused snippets), so check with fc_kernels.
+CONVS = {"Convolution", "GroupConvolution"}
+# kind -> (op types to mark (empty: all), op types never marked, module regex (None: any))
 F32_MARKS = {
-    "f32_all": (set(), None),  # every op the attribute survives on
-    "f32_but_convs": ({"Convolution", "GroupConvolution"}, None),
-    "f32_neck": (set(), r"neck"),
+    "f32_all": (set(), set(), None),  # every op the attribute survives on
+    "f32_but_convs": (set(), CONVS, None),
+    "f32_convs": (CONVS, set(), None),
+    "f32_stem_convs": (CONVS, set(), r"patch_embed|layers\.0\."),  # the 64x64 MBConv stage and its stem
+    "f32_late_convs": (CONVS, set(), r"layers\.[123]\.|neck"),  # local convs, patch merging, neck
+    "f32_neck": (set(), set(), r"neck"),
 }
 
 
@@ -178,11 +183,16 @@ def mark_f32(base: str, kind: str, out: Path) -> str:
     import shutil
     import xml.etree.ElementTree as ET
 
-    skip_types, pattern = F32_MARKS[kind]
-    skip_types = skip_types | {"Parameter", "Result", "Constant", "FakeQuantize"}
+    import openvino as ov
+
+    types, never, pattern = F32_MARKS[kind]
+    never = never | {"Parameter", "Result", "Constant", "FakeQuantize"}
+    chosen = {op.get_friendly_name() for op in ov.Core().read_model(str(out / base / "encoder.xml")).get_ops()
+              if op.get_type_name() not in never and (not types or op.get_type_name() in types)
+              and (pattern is None or re.search(pattern, _module_name(op)))}
     tree = ET.parse(out / base / "encoder.xml")
     for layer in tree.getroot().iter("layer"):
-        if layer.get("type") in skip_types or (pattern and not re.search(pattern, layer.get("name", ""))):
+        if layer.get("name") not in chosen:
             continue
         rt = layer.find("rt_info")
         rt = ET.SubElement(layer, "rt_info") if rt is None else rt
@@ -194,6 +204,7 @@ def mark_f32(base: str, kind: str, out: Path) -> str:
     shutil.copy(out / base / "encoder.bin", out / name / "encoder.bin")
     if (out / base / "compile.json").exists():
         shutil.copy(out / base / "compile.json", out / name / "compile.json")
+    print(f"{name}: {len(chosen)} ops marked f32", flush=True)
     return name
 
 
@@ -535,7 +546,8 @@ def main() -> None:
     elif args.command == "profile":
         profile(args.names, out)
     elif args.command == "mark":  # mark BASE KIND [KIND ...], then evaluate / time BASE+KIND
-        print("\n".join(mark_f32(args.names[0], k, out) for k in args.names[1:]))
+        for k in args.names[1:]:
+            mark_f32(args.names[0], k, out)
     elif args.command == "wide":
         evaluate_wide(args.names, out)
     elif args.command == "bypass":
