@@ -538,6 +538,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.command == "list":
         print("\n".join(_recipes()))
+        print("sq_<alpha> (any alpha), dq_<asym|sym>_g<N>[_f32|_bf16], hint_<precision>, dq_g<N>; NAME@f32[,dq<N>] for evaluate/time")
     elif args.command == "quantize":
         for n in args.names:
             quantize(n, out)
