@@ -99,6 +99,8 @@ def _parse_part(part: str) -> dict:
         return {"weights": f"INT8_{m.group(1).upper()}", "dq_group": int(m.group(2)), "hint": m.group(3) or "f32"}
     if re.fullmatch(r"sq_\d*\.?\d+", part):  # any SmoothQuant alpha for the matmuls: sq_0.75
         return {"sq_matmul": float(part[3:])}
+    if re.fullmatch(r"calib\d+", part):  # calib32: that many calibration slices
+        return {"calibration": int(part[5:])}
     if part.startswith("hint_"):  # hint_f32: compile a static recipe at f32 instead of bf16
         return {"hint": part[5:]}
     if part.startswith("dq_g"):  # dq_g64 on a static recipe: the FakeQuantize-free matmuls quantised dynamically
