@@ -246,6 +246,10 @@ def evaluate(names: list[str], out: Path) -> None:
     x = _inputs(model, volume, HELD_OUT)
     for n in names:
         path, hint, extra = _saved(out, n)
+        if n == "int8_export":  # what `samliver` itself builds with backends.INT8_RECIPE
+            from samliver.backends import openvino_int8_ir
+
+            path, hint, extra = openvino_int8_ir(model), "bf16", {}
         embs = _embed(_compile(path, hint, extra=extra), x)
         scores = _mask_dice(model, volume, embs, ref_masks)
         rec = {"name": n, "compile": {"hint": hint, **extra}, "fc_kernels": fc_kernels(path, hint, extra), "scores": scores,
@@ -510,7 +514,11 @@ def evaluate_wide(names: list[str], out: Path) -> None:
     from samliver.bench import box_masks
 
     model, volume, fp32_path = _setup()
+    # Never a calibration slice of any variant compared (16 for most; calib32 recipes use 32).
     calib = set(_calibration_zs(16, HELD_OUT))
+    for n in names:
+        if n not in ("bf16", "int8_export"):
+            calib |= set(_calibration_zs(_parse_combo(n.partition("@")[0]).get("calibration", 16), HELD_OUT))
     zs = [z for z in range(volume.hu.shape[0]) if z not in calib]
     x = _inputs(model, volume, zs)
     ref_masks = box_masks(model, _embed(_compile(fp32_path, "f32"), x), volume, zs)
@@ -518,6 +526,10 @@ def evaluate_wide(names: list[str], out: Path) -> None:
 
     for n in names:
         path, prec, extra = (fp32_path, "bf16", {}) if n == "bf16" else _saved(out, n)
+        if n == "int8_export":  # what `samliver` itself builds with backends.INT8_RECIPE
+            from samliver.backends import openvino_int8_ir
+
+            path, prec, extra = openvino_int8_ir(model), "bf16", {}
         masks = box_masks(model, _embed(_compile(path, prec, extra=extra), x), volume, zs)
         scores = [float(dice(a, b)) for a, b in zip(masks, ref_masks)]
         rec = {"wide_eval": n, "slices": len(zs), "dice_mean": float(np.mean(scores)), "dice_min": float(np.min(scores)),
