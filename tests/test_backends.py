@@ -191,6 +191,7 @@ def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path)
     if not backends.installed("openvino") or importlib.util.find_spec("nncf") is None:
         pytest.skip("openvino / nncf not installed")
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))  # a fake int8 export must not reach the real cache
     seen = {}
@@ -206,6 +207,8 @@ def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path)
     monkeypatch.setattr(backends, "INT8_RECIPE", recipe)
     path = backends.openvino_int8_ir(tiny)
     assert seen["n"] == 3 and seen["model_type"] == nncf.ModelType.TRANSFORMER
+    # No alpha in the recipe: NNCF's own SmoothQuant default.
+    assert seen["advanced_parameters"].smooth_quant_alphas == AdvancedQuantizationParameters().smooth_quant_alphas
     assert sorted(seen["ignored_scope"].names) == backends.int8_float_ops(_tiny_fp32_ir(tiny), recipe)
     assert len(seen["ignored_scope"].names) == 2
     key = json.loads((path.parent / "key.json").read_text())["key"]
@@ -218,3 +221,9 @@ def test_int8_export_applies_the_recipe_and_keys_it(tiny, monkeypatch, tmp_path)
     seen.clear()
     backends.openvino_int8_ir(tiny)  # the same recipe again: the cached export, no quantisation
     assert not seen
+    # A SmoothQuant alpha in the recipe reaches NNCF and the export key.
+    monkeypatch.setattr(backends, "INT8_RECIPE", {**recipe, "smooth_quant_alpha": 0.8})
+    backends.openvino_int8_ir(tiny)
+    assert seen["advanced_parameters"].smooth_quant_alphas.matmul == 0.8
+    key = json.loads((backends.openvino_int8_ir(tiny).parent / "key.json").read_text())["key"]
+    assert key["recipe"]["smooth_quant_alpha"] == 0.8
