@@ -96,6 +96,24 @@ def test_autosam_forward_matches_segment_anything_modules(fused_upscaling):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9 * scale, msg=name)
 
 
+
+def test_autosam_bf16_gradients_close_to_float32():
+    # Under bf16 autocast the upscaling's LayerNorm must not lose its weight / bias gradients
+    # (the CPU layer_norm backward on bf16 inputs sums them over the pixels inaccurately).
+    torch.manual_seed(0)
+    head = build_head("autosam", embed_dim=32, out_size=128, embed_hw=32, refine_size=64)
+    emb, image = torch.randn(4, 32, 32, 32), torch.rand(4, 1, 128, 128)
+    weights = torch.randn(4, 3, 128, 128)
+    ln = head.output_upscaling[1]
+
+    def grads(bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = head(emb, image=image)
+        return torch.autograd.grad((out.float() * weights).sum(), [ln.weight, ln.bias])
+
+    for g16, g32 in zip(grads(True), grads(False)):
+        assert (g16 - g32).norm() < 0.05 * g32.norm()
+
 def test_autosam_state_dict_keys_unchanged():
     # checkpoints saved before the rewrite load: the head keeps segment_anything's modules
     keys = set(build_head("autosam", embed_dim=32, out_size=64, embed_hw=16).state_dict())
