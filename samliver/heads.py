@@ -466,7 +466,8 @@ def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tenso
     # In float32 even under autocast: on a bf16 input, the CPU layer_norm backward sums the
     # weight / bias gradients over the B*4h*4w rows inaccurately (~25 % off measured, ~100 % on
     # the real head), where LayerNorm2d's element-wise ops under autocast were within 0.6 %.
-    x = up[2](F.layer_norm(x.float(), (x.shape[-1],), ln.weight, ln.bias, ln.eps).to(x.dtype))
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    x = up[2](F.layer_norm(wide, (x.shape[-1],), ln.weight, ln.bias, ln.eps).to(x.dtype))
     x = up[4](_up_2x2(up[3], x))                             # (B, h, w, 2, 2, 2, 2, C/8)
     logits = torch.matmul(x.reshape(b, -1, x.shape[-1]), hyper.transpose(1, 2))
     k = hyper.shape[1]
