@@ -326,6 +326,156 @@ def _random_sam_parts(embed_dim: int, embed_hw: int, depth: int = 2,
     return decoder, prompt
 
 
+
+# -- AutoSAM's decoder, computed without layout copies ------------------------------------------
+# The same math as segment_anything's TwoWayTransformer / Attention / output_upscaling, reading
+# the same modules' parameters (the vendored modules keep their own forward for the prompted
+# predictor). A profile of one bf16 training step (batch 8) found most of the time outside the
+# matmuls: NCHW <-> token permutes, additions to transposed (strided) position encodings,
+# LayerNorm2d as five element-wise passes, attention's head split/merge copies, and the
+# transposed convolutions' backward and a GELU backward on mixed memory layouts. Here the image
+# side stays in one contiguous token layout (B, h*w, C) from the embedding to the logits.
+
+
+def _amp(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cast once to the autocast dtype when autocast is on (what each matmul would do)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+def _per_head(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, T, C')`` projected tokens -> ``(B, T, heads, C' / heads)`` (a view)."""
+    return x.unflatten(-1, (attn.num_heads, -1))
+
+
+def _token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+    """``Attention(q=tokens, k=image, v=image)`` for T tokens and N image tokens.
+
+    softmax(q_proj(q) k_proj(k)^T / sqrt(d)) v_proj(v) per head, reassociated: the T query
+    rows are folded into ``k_proj``'s weight (``(C, heads * T)``, tiny), so the N x C image
+    tokens meet one ``C -> heads * T`` matmul instead of two ``C -> C'`` projections; the value
+    projection is applied after the weighted sum over the image (the weights sum to 1, so the
+    value bias passes through). Same function; only the rounding differs.
+    """
+    b, t, _ = q.shape
+    n_heads = attn.num_heads
+    qh = _per_head(attn, attn.q_proj(q))                                 # (B, T, H, d)
+    scale = qh.shape[-1] ** -0.5
+    wk = attn.k_proj.weight.unflatten(0, (n_heads, -1))                  # (H, d, C)
+    qk = torch.einsum("bthd,hdc->bhtc", qh, wk).flatten(1, 2) * scale     # (B, H*T, C)
+    qb = torch.einsum("bthd,hd->bht", qh, attn.k_proj.bias.view(n_heads, -1)).flatten(1, 2)
+    scores = torch.baddbmm(qb[..., None] * scale, qk, k.transpose(1, 2))  # (B, H*T, N)
+    ctx = torch.bmm(scores.softmax(-1).to(v.dtype), v)                   # (B, H*T, C)
+    wv = attn.v_proj.weight.unflatten(0, (n_heads, -1))                  # (H, d, C)
+    out = torch.einsum("bhtc,hdc->bthd", ctx.unflatten(1, (n_heads, t)), wv).flatten(2)
+    return attn.out_proj(out + attn.v_proj.bias)
+
+
+def _image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+    """``Attention(q=image, k=tokens, v=tokens)`` for N image tokens and T tokens.
+
+    Reassociated like :func:`_token_to_image`: the T keys are folded into ``q_proj``'s weight
+    and the T values into ``out_proj``'s, so the N x C image tokens meet a ``C -> heads * T``
+    matmul and a ``heads * T -> C`` one, not the ``C -> C' -> C`` projections.
+    """
+    b, n, _ = q.shape
+    n_heads = attn.num_heads
+    kh = _per_head(attn, attn.k_proj(k))                                 # (B, T, H, d)
+    vh = _per_head(attn, attn.v_proj(v))
+    t = kh.shape[1]
+    scale = kh.shape[-1] ** -0.5
+    wq = attn.q_proj.weight.unflatten(0, (n_heads, -1))                  # (H, d, C)
+    qk = torch.einsum("bthd,hdc->bcht", kh, wq).flatten(2) * scale       # (B, C, H*T)
+    qb = torch.einsum("bthd,hd->bht", kh, attn.q_proj.bias.view(n_heads, -1)).flatten(1) * scale
+    scores = torch.baddbmm(qb[:, None], q, qk)                           # (B, N, H*T)
+    probs = scores.unflatten(-1, (n_heads, t)).softmax(-1).flatten(2)
+    wo = attn.out_proj.weight.unflatten(1, (n_heads, -1))                # (C, H, d)
+    vo = torch.einsum("bthd,chd->bhtc", vh, wo).flatten(1, 2)            # (B, H*T, C)
+    return torch.baddbmm(attn.out_proj.bias.to(vo.dtype), probs.to(vo.dtype), vo)
+
+
+def _two_way(tf: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor,
+             point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayTransformer.forward`` on image tokens ``keys`` ``(B, N, C)`` (contiguous).
+
+    ``key_pe`` ``(1, N, C)`` contiguous. The token side (a few tokens) runs the modules' code;
+    the image side, the cost, runs :func:`_token_to_image` / :func:`_image_to_token`, with
+    ``keys + key_pe`` formed (and cast for autocast) once per layer where the module forms the
+    same sum twice.
+    """
+    queries = point_embedding
+    for layer in tf.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + point_embedding
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        k = _amp(keys + key_pe)
+        q = queries + point_embedding
+        queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, q, k,
+                                                        _amp(keys)))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + point_embedding
+        keys = layer.norm4(keys + _image_to_token(layer.cross_attn_image_to_token, k, q, queries))
+    q = queries + point_embedding
+    attn_out = _token_to_image(tf.final_attn_token_to_image, q, _amp(keys + key_pe), _amp(keys))
+    return tf.norm_final_attn(queries + attn_out), keys
+
+
+def _is_2x2_up(m: nn.Module) -> bool:
+    return (isinstance(m, nn.ConvTranspose2d) and tuple(m.kernel_size) == (2, 2)
+            and tuple(m.stride) == (2, 2) and tuple(m.padding) == (0, 0) and m.groups == 1
+            and tuple(m.dilation) == (1, 1) and tuple(m.output_padding) == (0, 0))
+
+
+def _fusable_upscaling(up: nn.Module) -> bool:
+    """Whether ``up`` is SAM's ``output_upscaling`` (2x2 up, LayerNorm2d, act, 2x2 up, act)."""
+    return (isinstance(up, nn.Sequential) and len(up) == 5 and _is_2x2_up(up[0])
+            and _is_2x2_up(up[3]) and type(up[1]).__name__ == "LayerNorm2d"
+            and all(hasattr(up[1], a) for a in ("weight", "bias", "eps")))
+
+
+def _up_2x2(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A 2x2 / stride-2 transposed conv on channels-last ``(..., C_in)`` as one matmul.
+
+    Each input pixel maps to its own 2 x 2 output pixels: ``(..., C_in)`` -> ``(..., 2, 2,
+    C_out)`` (sub-pixel row, column, channel), the output pixels left in that order until the end.
+    """
+    w = conv.weight  # (C_in, C_out, 2, 2)
+    out = w.shape[1]
+    y = F.linear(x, w.permute(2, 3, 1, 0).reshape(4 * out, w.shape[0]), conv.bias.repeat(4))
+    return y.unflatten(-1, (2, 2, out))
+
+
+def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tensor,
+                     h: int, w: int) -> torch.Tensor:
+    """``hyper @ output_upscaling(tokens as B x C x h x w)`` -> ``(B, K, 4h, 4w)``.
+
+    ``tokens`` ``(B, h*w, C)``, ``hyper`` ``(B, K, C / 8)``. LayerNorm2d normalises over the
+    channels, which are the last (contiguous) dim here, so it is one ``F.layer_norm``; the
+    upscaled features stay in sub-pixel order and only the K-channel logits are reordered.
+    """
+    b = tokens.shape[0]
+    ln = up[1]
+    x = _up_2x2(up[0], tokens.view(b, h, w, -1))            # (B, h, w, 2, 2, C/4)
+    # In float32 even under autocast: on a bf16 input, the CPU layer_norm backward sums the
+    # weight / bias gradients over the B*4h*4w rows inaccurately (~25 % off measured, ~100 % on
+    # the real head), where LayerNorm2d's element-wise ops under autocast were within 0.6 %.
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    x = up[2](F.layer_norm(wide, (x.shape[-1],), ln.weight, ln.bias, ln.eps).to(x.dtype))
+    x = up[4](_up_2x2(up[3], x))                             # (B, h, w, 2, 2, 2, 2, C/8)
+    logits = torch.matmul(x.reshape(b, -1, x.shape[-1]), hyper.transpose(1, 2))
+    k = hyper.shape[1]
+    # (B, h, w, a, c, a2, c2, K) -> (B, K, h, a, a2, w, c, c2): pixel (4i + 2a + a2, 4j + 2c + c2)
+    return (logits.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
+            .reshape(b, k, 4 * h, 4 * w))
+
+
 class AutoSAMHead(Head):
     """SAM's mask decoder without prompts: one learned mask token + hypernetwork per class.
 
@@ -392,19 +542,24 @@ class AutoSAMHead(Head):
             p.requires_grad_(parts in ("all", "tokens"))
 
     def forward(self, emb: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        b = emb.shape[0]
+        b, c, h, w = emb.shape
         tokens = self.class_tokens[None].expand(b, -1, -1)
-        src = emb + self.dense
         pos = self.image_pe
         if pos.shape[-2:] != emb.shape[-2:]:
             pos = F.interpolate(pos, size=emb.shape[-2:], mode="bilinear", align_corners=False)
-        pos = pos.expand(b, -1, -1, -1)
-        hs, src = self.transformer(src, pos, tokens)
-        _, c, h, w = emb.shape
-        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        # Image tokens (B, h*w, C) contiguous, made once: the module's flatten/permute views
+        # made every later addition and projection read transposed memory.
+        src = emb.flatten(2).transpose(1, 2).contiguous() + self.dense.view(1, 1, c)
+        hs, src = _two_way(self.transformer, src, pos.flatten(2).transpose(1, 2).contiguous(), tokens)
         hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.hyper_mlps)], dim=1)
-        bb, cc, hh, ww = up.shape
-        logits = (hyper @ up.view(bb, cc, hh * ww)).view(bb, -1, hh, ww) + self.class_bias
+        if _fusable_upscaling(self.output_upscaling):
+            logits = _upscaled_logits(self.output_upscaling, src, hyper, h, w)
+        else:  # another upscaling path: the module's own forward
+            up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+            bb, cc, hh, ww = up.shape
+            logits = (hyper @ up.view(bb, cc, hh * ww)).view(bb, -1, hh, ww)
+        logits = logits + self.class_bias
+        hh = logits.shape[-1]
         if hh != self.out_size:
             logits = F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear",
                                    align_corners=False)

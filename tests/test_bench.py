@@ -45,6 +45,7 @@ def test_quick_bench_writes_table_and_json(tmp_path, capsys, monkeypatch):
     assert by_name["backend_default_max_abs_diff"]["value"] < 0.05  # float16 cache of an exact backend
     assert by_name["encoder_fastest_mask_dice_vs_fp32"]["value"] >= 0.99  # the contract of "fastest"
     assert "head_train_demo_s" not in by_name  # quick mode skips head training
+    assert "head_train_autosam_s" not in by_name
     assert by_name["decoder_box_exact_ms"]["value"] > 0
     assert by_name["decoder_mask_dice_vs_exact"]["value"] > 0.999  # SAM's decoder == the shared one
     assert list(out.parent.iterdir()) == [out]  # atomic write leaves no temp file
@@ -61,3 +62,20 @@ def test_format_table_handles_missing_values():
     text = bench.format_table([{"name": "a", "value": None, "unit": "s", "note": "failed"},
                                {"name": "b", "value": 1234567.0, "unit": "B", "note": ""}])
     assert "| a | n/a | s | failed |" in text and "| b | 1234567 | B |  |" in text
+
+
+def test_head_train_rows_time_each_recipe(monkeypatch):
+    timed = []
+
+    def fake_time_demo_recipe(config=None, *, embeddings=None):
+        timed.append(config.kind)
+        return {"seconds": 12.5, "ms_per_step": 100.0, "steps": config.steps, "liver_dice": 0.96,
+                "tumour_dice": 0.84, "threads": 2}
+
+    monkeypatch.setattr(bench, "time_demo_recipe", fake_time_demo_recipe)
+    rows = bench.head_train_rows()
+    assert [r[0] for r in rows] == ["head_train_demo_s", "head_train_autosam_s"]
+    assert timed == ["cnn", "autosam"]
+    name, value, unit, note = rows[1]
+    assert (value, unit) == (12.5, "s")
+    assert "autosam recipe" in note and "liver 0.960 / tumour 0.840" in note

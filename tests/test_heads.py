@@ -54,6 +54,73 @@ def test_autosam_starts_from_model_decoder():
     assert out.shape == (1, 3, 64, 64)
 
 
+
+def _autosam_reference(head, emb, image):
+    """AutoSAMHead's forward written with segment_anything's own modules (the code before the
+    token-layout rewrite): the rewrite must compute the same function."""
+    from torch.nn import functional as F
+
+    b, c, h, w = emb.shape
+    tokens = head.class_tokens[None].expand(b, -1, -1)
+    hs, src = head.transformer(emb + head.dense, head.image_pe.expand(b, -1, -1, -1), tokens)
+    up = head.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(head.hyper_mlps)], dim=1)
+    logits = (hyper @ up.flatten(2)).view(b, -1, *up.shape[-2:]) + head.class_bias
+    small = F.interpolate(logits, size=(head.refine_size,) * 2, mode="area")
+    image = F.interpolate(image, size=(head.refine_size,) * 2, mode="area")
+    refined = head.refine(torch.cat([small, head.skip(image)], dim=1))
+    return logits + F.interpolate(refined, size=logits.shape[-2:], mode="bilinear",
+                                  align_corners=False)
+
+
+@pytest.mark.parametrize("fused_upscaling", [True, False])
+def test_autosam_forward_matches_segment_anything_modules(fused_upscaling):
+    # float64, so that only the summation order can differ: same outputs, same gradients
+    torch.manual_seed(0)
+    head = build_head("autosam", embed_dim=32, out_size=64, embed_hw=16, refine_size=32).double()
+    with torch.no_grad():  # away from the zero-initialised refinement: every part matters
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if not fused_upscaling:  # an upscaling path of another shape runs the module's forward
+        head.output_upscaling[1] = torch.nn.Identity()
+    emb = torch.randn(2, 32, 16, 16, dtype=torch.float64)
+    image = torch.rand(2, 1, 64, 64, dtype=torch.float64)
+    params = [p for p in head.parameters() if p.requires_grad]
+    out, ref = head(emb, image=image), _autosam_reference(head, emb, image)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weights).sum(), params)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), params)
+    scale = max(g.abs().max().item() for g in ref_grads)
+    for (name, _), g, r in zip(head.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9 * scale, msg=name)
+
+
+
+def test_autosam_bf16_gradients_close_to_float32():
+    # Under bf16 autocast the upscaling's LayerNorm must not lose its weight / bias gradients
+    # (the CPU layer_norm backward on bf16 inputs sums them over the pixels inaccurately).
+    torch.manual_seed(0)
+    head = build_head("autosam", embed_dim=32, out_size=128, embed_hw=32, refine_size=64)
+    emb, image = torch.randn(4, 32, 32, 32), torch.rand(4, 1, 128, 128)
+    weights = torch.randn(4, 3, 128, 128)
+    ln = head.output_upscaling[1]
+
+    def grads(bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = head(emb, image=image)
+        return torch.autograd.grad((out.float() * weights).sum(), [ln.weight, ln.bias])
+
+    for g16, g32 in zip(grads(True), grads(False)):
+        assert (g16 - g32).norm() < 0.05 * g32.norm()
+
+def test_autosam_state_dict_keys_unchanged():
+    # checkpoints saved before the rewrite load: the head keeps segment_anything's modules
+    keys = set(build_head("autosam", embed_dim=32, out_size=64, embed_hw=16).state_dict())
+    assert {"transformer.layers.0.cross_attn_token_to_image.k_proj.weight",
+            "output_upscaling.0.weight", "output_upscaling.1.weight", "image_pe",
+            "class_tokens", "dense", "class_bias", "hyper_mlps.2.layers.0.weight"} <= keys
+
 def test_autosam_train_parts():
     head = build_head("autosam", embed_dim=32, out_size=64, train_parts="tokens")
     assert not any(p.requires_grad for p in head.transformer.parameters())
