@@ -360,21 +360,27 @@ class Predictor:
             labels_t = labels_t.expand(n, -1)
         if mask_t is not None and n > 1 and mask_t.shape[0] == 1:
             mask_t = mask_t.expand(n, -1, -1, -1)
+        use_shared = self._shared is not None and mask_t is None
+        if use_shared and self._cpu_only and self.features.device.type != "cpu":
+            use_shared = False
+        engine = self._openvino_decoder() if use_shared and self.features.device.type == "cpu" else None
         # Threads as for the encoder (model.cpu_threads): 1 on an oversubscribed machine, where 2
-        # threads decoded 2-6x slower than 1 (docs/decoder_speed.md); restored afterwards.
-        with torch.inference_mode(), torch_threads(self.model.cpu_threads()):
+        # threads decoded 2-6x slower than 1 (docs/decoder_speed.md); restored afterwards. Around
+        # the OpenVINO decoder, whose own threads take every core, torch's small per-prompt ops
+        # (prompt encoding, resizing the mask) run on one: torch's OpenMP workers keep spinning
+        # after a parallel op and slowed the next inference (docs/decoder_speed.md).
+        threads = self.model.cpu_threads()
+        outside = torch.get_num_threads()
+        with torch.inference_mode(), torch_threads(1 if engine is not None else threads):
             sparse, dense = self.model.prompt_encoder(
                 points=None if coords_t is None else (coords_t, labels_t), boxes=box_t, masks=mask_t
             )
-            use_shared = self._shared is not None and mask_t is None
-            if use_shared and self._cpu_only and self.features.device.type != "cpu":
-                use_shared = False
             if use_shared:
                 # A mask prompt changes the image tokens per prompt: only prompts without one share.
                 if self._slice_cache is None:
-                    self._slice_cache = self._shared.prepare_slice(self.features, self._image_pe)
+                    with torch_threads(threads or outside):  # the slice's one heavy torch step
+                        self._slice_cache = self._shared.prepare_slice(self.features, self._image_pe)
                 low = None
-                engine = self._openvino_decoder() if self.features.device.type == "cpu" else None
                 if self._openvino_required and engine is None:
                     raise SamliverError(
                         f"decoder='openvino' runs on the CPU; the model is on {self.features.device}: "
