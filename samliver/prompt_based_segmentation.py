@@ -400,7 +400,8 @@ class Predictor:
                                       "decoding with torch instead.", RuntimeWarning, stacklevel=2)
                         self._openvino = False
                 if low is None:
-                    low, iou = self._shared.decode(self._slice_cache, sparse, multimask_output=multimask_output)
+                    with torch_threads(threads or outside):  # torch decodes: the model's threads again
+                        low, iou = self._shared.decode(self._slice_cache, sparse, multimask_output=multimask_output)
             else:
                 low, iou = self.model.mask_decoder(
                     image_embeddings=self.features,
