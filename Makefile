@@ -10,6 +10,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.samliver-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), one file per process at a time. Much of the suite waits on
+# process start-up (notebook kernels, CLI runs, Chromium) rather than on the CPU, so two
+# processes on two cores finish sooner; each runs torch on one thread (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint bench browser-deps clean
 
@@ -39,7 +43,8 @@ lint: setup
 
 test: setup browser-deps lint
 	$(BIN)/samliver fetch-sample
-	SAMLIVER_FAST=1 $(BIN)/python -m pytest tests notebooks --nbval-lax $(PYTEST_ARGS)
+	SAMLIVER_FAST=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 \
+		tests notebooks --nbval-lax $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -c 'import nncf' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[int8]'

@@ -22,6 +22,15 @@ from samliver.sample import load_sample
 # needs_openvino tests), which ask for it by name.
 os.environ.setdefault("SAMLIVER_DECODER", "shared")
 
+# Under pytest-xdist (`make test` runs two test processes), each process and the kernels and
+# CLI runs it starts compute on one thread: two processes of two threads each on two cores
+# made OpenMP threads wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def sample_volume() -> CTVolume:
