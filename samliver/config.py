@@ -80,7 +80,9 @@ RECIPES: dict[str, dict] = {
     # 120 steps x batch 8 at lr 3e-3, every labelled slice trained (no hold-out), the refinement
     # block at the sample's native 128 px (1.20x per step), bf16 where native. Same runs, block
     # at 128 vs 256: sparse 0.969 / 0.856 vs 0.968 / 0.842; slab (110 steps) 0.852 / 0.671 vs
-    # 0.837 / 0.637 (docs/training_speed.md).
+    # 0.837 / 0.637 (docs/training_speed.md). With the rewritten AutoSAM forward (same function)
+    # the recipe took 72.1 s on the demo split at 2 threads, Dice 0.969 / 0.850 (make bench, 18:55 UTC
+    # on 2026-12-03; 144.8 s and 0.963 / 0.840 with the old forward).
     "autosam": {"kind": "autosam", "steps": 120, "fast": {"steps": 33}, "batch_size": 8, "lr": 3e-3,
                 "head_options": {"refine_size": 128}, "val_fraction": 0.0, "eval_every": 120,
                 "bf16": None},

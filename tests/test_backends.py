@@ -98,7 +98,9 @@ def test_cpu_engines_match_torch_fp32(tiny, backend):
 
 
 @needs_openvino
-def test_export_is_cached_and_rebuilt_when_corrupt(tiny):
+def test_export_is_cached_and_rebuilt_when_corrupt(tiny, monkeypatch, tmp_path):
+    # A private home: other test processes export the same model into the shared one meanwhile.
+    monkeypatch.setenv("SAMLIVER_HOME", str(tmp_path))
     model = _copy(tiny, "openvino", "fp32")
     x = _slices(tiny, 1, seed=1)
     first = model.encode(x)
