@@ -42,6 +42,28 @@ _BLOCK_PARTS = (
 )
 
 
+def token_self_attention(block: Any, queries: Any, query_pe: Any) -> Any:
+    """The token side's first step of a segment_anything ``TwoWayAttentionBlock``: self-attention
+    of the prompt / output tokens (with their positional encoding unless the block skips it) and
+    ``norm1``, as the block computes it. The rewritten decoders (this module's, and the AutoSAM
+    head's) change only the image side, the cost.
+
+    Args:
+        block: a ``TwoWayAttentionBlock``.
+        queries: (B, T, C) tokens.
+        query_pe: (B, T, C) the tokens' positional encoding (the initial tokens).
+
+    Returns:
+        The (B, T, C) tokens after the block's self-attention and ``norm1``.
+    """
+    if block.skip_first_layer_pe:
+        queries = block.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + block.self_attn(q=q, k=q, v=queries)
+    return block.norm1(queries)
+
+
 def supports_shared_decoder(mask_decoder: Any) -> bool:
     """Whether ``mask_decoder`` has the structure :class:`SharedImageDecoder` relies on.
 
@@ -408,12 +430,7 @@ class SharedImageDecoder:
         queries, query_pe = tokens, tokens
         for depth, block in enumerate(tr.layers):
             stage = cache.stages[depth]
-            if block.skip_first_layer_pe:
-                queries = block.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + query_pe
-                queries = queries + block.self_attn(q=q, k=q, v=queries)
-            queries = block.norm1(queries)
+            queries = token_self_attention(block, queries, query_pe)
             attn_out = self._token_to_image(block.cross_attn_token_to_image, queries + query_pe, keys, stage)
             queries = block.norm2(queries + attn_out)
             queries = block.norm3(queries + block.mlp(queries))

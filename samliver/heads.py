@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import HEAD_KINDS
+from .decoder_backends import token_self_attention
 from .util import SamliverError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -409,12 +410,7 @@ def _two_way(tf: nn.Module, keys: torch.Tensor, key_pe: torch.Tensor,
     """
     queries = point_embedding
     for layer in tf.layers:
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + point_embedding
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = token_self_attention(layer, queries, point_embedding)
         k = _amp(keys + key_pe)
         q = queries + point_embedding
         queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, q, k,
