@@ -538,7 +538,7 @@ class OpenVINODecoder:
 
     def _params_key(self) -> tuple:
         # Checked on every prompt, so the parameter list is walked from the module tree only once
-        # per slice (_bind drops it): the walk cost ~0.5 ms a prompt. In-place updates (optimiser
+        # per slice (decode drops it on a new slice): the walk cost ~0.5 ms a prompt. In-place updates (optimiser
         # steps, load_state_dict) bump a tensor's version and are seen at once; a parameter
         # replaced by a new object is seen from the next slice on.
         if self._param_list is None:
