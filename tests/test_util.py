@@ -56,3 +56,26 @@ def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
         (tmp / "b.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+
+
+def test_atomic_folder_yields_to_a_concurrent_writer(tmp_path, monkeypatch):
+    """Another process that puts its folder in place between our removal and our rename wins:
+    no error, its folder stays whole, ours is cleaned up."""
+    import os
+
+    import samliver.util as util
+
+    target = tmp_path / "export"
+    real_replace = os.replace
+
+    def racing_replace(src, dst):
+        if str(dst) == str(target):
+            target.mkdir()
+            (target / "theirs.txt").write_text("other process")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(util.os, "replace", racing_replace)
+    with util.atomic_folder(target) as tmp:
+        (tmp / "ours.txt").write_text("this process")
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
