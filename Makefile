@@ -10,7 +10,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.samliver-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist), one file per process at a time. Much of the suite waits on
+# Test processes (pytest-xdist), one file per process at a time, the longest files first
+# (tests/conftest.py, FILE_SECONDS). Much of the suite waits on
 # process start-up (notebook kernels, CLI runs, Chromium) rather than on the CPU, so two
 # processes on two cores finish sooner; each runs torch on one thread (tests/conftest.py).
 PYTEST_WORKERS ?= 2
@@ -43,7 +44,7 @@ lint: setup
 
 test: setup browser-deps lint
 	$(BIN)/samliver fetch-sample
-	SAMLIVER_FAST=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 \
+	SAMLIVER_FAST=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 \
 		tests notebooks --nbval-lax $(PYTEST_ARGS)
 
 bench: setup

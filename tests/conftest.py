@@ -32,6 +32,35 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Seconds per test file (and notebook) in a two-process `make test`, from `--junitxml` (2026-12-03;
+# refresh them when the suite changes: they only order the files). Files run longest first
+# (`make test` passes --no-loadscope-reorder, so pytest-xdist hands them out in this order): with
+# the two browser tests collected late, one process finished them alone for over a minute while
+# the other sat idle. Files not listed keep their collection order, after these.
+FILE_SECONDS = {
+    "tests/test_experiment.py": 83, "tests/test_browser.py": 81, "tests/test_bad_input.py": 80,
+    "tests/test_prompt_based_segmentation.py": 70, "tests/test_models.py": 61,
+    "tests/test_decoder_backends.py": 46, "tests/test_backends.py": 37, "tests/test_nnunet.py": 34,
+    "tests/test_training.py": 33, "tests/test_zero_shot.py": 27,
+    "notebooks/05_label_efficiency.ipynb": 27, "tests/test_distributed.py": 26,
+    "notebooks/03_how_good_are_prompts.ipynb": 25, "tests/test_dataset_embedding.py": 24,
+    "tests/test_results.py": 23, "tests/test_embeddings.py": 22,
+    "notebooks/08_label_a_volume.ipynb": 20, "tests/test_annotate.py": 19,
+    "notebooks/04_fine_tuning_a_head.ipynb": 18, "tests/test_widgets.py": 13, "tests/test_bench.py": 12,
+    "tests/test_evaluation.py": 12, "tests/test_training_data.py": 11, "tests/test_heads.py": 11,
+    "notebooks/06_whole_volume_inference.ipynb": 10, "notebooks/02_zero_shot_box_and_click.ipynb": 8,
+    "notebooks/01_ct_basics.ipynb": 6,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest files first (a stable sort: a file's tests stay together and in order)."""
+    def cost(item) -> float:
+        return -FILE_SECONDS.get(item.nodeid.split("::", 1)[0], 0)
+
+    items.sort(key=cost)
+
+
 @pytest.fixture(scope="session")
 def sample_volume() -> CTVolume:
     """The real LiTS sample (128^3, label 0/1/2, spacing None), fetched once into $SAMLIVER_HOME."""
