@@ -54,7 +54,6 @@ def test_autosam_starts_from_model_decoder():
     assert out.shape == (1, 3, 64, 64)
 
 
-
 def _autosam_reference(head, emb, image):
     """AutoSAMHead's forward written with segment_anything's own modules (the code before the
     token-layout rewrite): the rewrite must compute the same function."""
@@ -96,7 +95,6 @@ def test_autosam_forward_matches_segment_anything_modules(fused_upscaling):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9 * scale, msg=name)
 
 
-
 def test_autosam_bf16_gradients_close_to_float32():
     # Under bf16 autocast the upscaling's LayerNorm must not lose its weight / bias gradients
     # (the CPU layer_norm backward on bf16 inputs sums them over the pixels inaccurately).
@@ -114,12 +112,14 @@ def test_autosam_bf16_gradients_close_to_float32():
     for g16, g32 in zip(grads(True), grads(False)):
         assert (g16 - g32).norm() < 0.05 * g32.norm()
 
+
 def test_autosam_state_dict_keys_unchanged():
     # checkpoints saved before the rewrite load: the head keeps segment_anything's modules
     keys = set(build_head("autosam", embed_dim=32, out_size=64, embed_hw=16).state_dict())
     assert {"transformer.layers.0.cross_attn_token_to_image.k_proj.weight",
             "output_upscaling.0.weight", "output_upscaling.1.weight", "image_pe",
             "class_tokens", "dense", "class_bias", "hyper_mlps.2.layers.0.weight"} <= keys
+
 
 def test_autosam_train_parts():
     head = build_head("autosam", embed_dim=32, out_size=64, train_parts="tokens")
