@@ -64,9 +64,11 @@ _KEYS = {
 }
 
 FULL_STUDY = ("samliver results --run zeroshot,heads,splits --k 1,2,4,8,16 "
-              "--heads linear,cnn,vit,autosam,default --baselines unet,ssl,nnunet,zeroshot "
-              "--seeds 0,1,2 --splits 10 --device cuda")
-"""The one command of the whole study (every section, the issue's grid); it resumes."""
+              "--heads linear,cnn,vit,autosam,default,fine --split-heads default,fine "
+              "--baselines unet,ssl,nnunet,zeroshot --seeds 0,1,2 --splits 10 --device cuda")
+"""The one command of the whole study (every section, the issue's grid: the four head kinds, the
+``default`` recipe and ``fine``, the recipe with the encoder's finer stage, docs/heads.md); it
+resumes."""
 
 
 def parse_sections(text: str | None) -> list[str]:
@@ -520,7 +522,7 @@ def build_markdown(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, *,
         "- options choose what a run covers: `--protocol`, `--k`, `--seeds`, `--heads`, "
         "`--baselines`, `--steps`, `--splits`, `--split-k`, `--split-heads` (see "
         "`samliver results --help`);",
-        f"- the whole study (K 1–16 × every head and the best recipe × every baseline × seeds "
+        f"- the whole study (K 1–16 × every head, the best recipe and `fine` × every baseline × seeds "
         f"0–2 × both protocols, and 10 random splits of each family) is one command, for a GPU: "
         f"`{FULL_STUDY}`. It resumes, so it can be stopped and rerun; each section below says "
         "what was run here.",
